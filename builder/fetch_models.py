@@ -1,0 +1,66 @@
+"""Bake the model weights into the image (run by the Dockerfile's builder stage).
+
+    python builder/fetch_models.py --variant original --dest /opt/chatterbox/weights
+
+Downloads only the files the variant loads, then checks each against the size
+and SHA-256 that the Hub reports for it, so a truncated or corrupted download
+fails the build instead of the first job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from chatterbox_worker.engine.weights import (HUB_REPO, OPTIONAL_FILES,  # noqa: E402
+                                              required_files)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch(variant: str, dest: Path, revision: str | None = None) -> None:
+    from huggingface_hub import HfApi, hf_hub_download
+
+    info = HfApi().model_info(HUB_REPO, revision=revision, files_metadata=True)
+    listed = {s.rfilename: s for s in info.siblings}
+    wanted = list(required_files(variant)) + [f for f in OPTIONAL_FILES if f in listed]
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in wanted:
+        if name not in listed:
+            raise SystemExit(f"{HUB_REPO}@{info.sha} has no {name}")
+        local = Path(hf_hub_download(HUB_REPO, name, revision=info.sha))
+        target = dest / name
+        shutil.copyfile(local, target)
+        meta = listed[name]
+        expected_size = meta.lfs.size if meta.lfs else meta.size
+        if expected_size is not None and target.stat().st_size != expected_size:
+            raise SystemExit(f"{name}: {target.stat().st_size} bytes, the Hub says {expected_size}")
+        if meta.lfs is not None and sha256_of(target) != meta.lfs.sha256:
+            raise SystemExit(f"{name}: SHA-256 differs from the Hub's")
+        print(f"fetched {name} ({target.stat().st_size} bytes, verified)")
+    (dest / "REVISION").write_text(f"{HUB_REPO}@{info.sha}\n")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", default="original")
+    parser.add_argument("--dest", type=Path, default=Path("/opt/chatterbox/weights"))
+    parser.add_argument("--revision", default=None, help="Hub commit to pin (default: main)")
+    args = parser.parse_args()
+    fetch(args.variant, args.dest, args.revision)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,3 @@
+"""RunPod serverless worker for Resemble AI's Chatterbox TTS."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,113 @@
+"""Typed settings from the environment, checked once at start-up.
+
+Every environment variable the worker reads is declared here; nothing else in
+the package reads ``os.environ``. A malformed value raises ``ConfigError`` with
+one line naming the variable, so the worker stops at start-up instead of
+failing its first job.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal, Mapping, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import ConfigError
+
+RUNPOD_VOLUME = Path("/runpod-volume")
+
+# RunPod answers /run with at most 10 MB and /runsync with 20 MB. Base64 grows
+# audio by 4/3, and the result item carries a little JSON besides: 7 MB of
+# encoded audio fits the smaller of the two limits with room to spare.
+DEFAULT_INLINE_MAX_BYTES = 7_000_000
+# A streamed job's items are all collected into its final output as well.
+DEFAULT_AGGREGATE_MAX_BYTES = 7_000_000
+
+# (setting name, environment variable). Order is the order of the README table.
+ENVIRONMENT = {
+    "variant": "CHATTERBOX_VARIANT",
+    "model_dir": "CHATTERBOX_MODEL_DIR",
+    "baked_model_dir": "CHATTERBOX_BAKED_DIR",
+    "volume_hf_cache": "CHATTERBOX_VOLUME_HF_CACHE",
+    "device": "CHATTERBOX_DEVICE",
+    "watermark": "CHATTERBOX_WATERMARK",
+    "warmup": "CHATTERBOX_WARMUP",
+    "voices_dir": "VOICES_DIR",
+    "max_text_chars": "MAX_TEXT_CHARS",
+    "inline_max_bytes": "INLINE_MAX_BYTES",
+    "aggregate_max_bytes": "AGGREGATE_MAX_BYTES",
+    "bucket_endpoint_url": "BUCKET_ENDPOINT_URL",
+    "bucket_access_key_id": "BUCKET_ACCESS_KEY_ID",
+    "bucket_secret_access_key": "BUCKET_SECRET_ACCESS_KEY",
+    "bucket_name": "BUCKET_NAME",
+    "bucket_region": "BUCKET_REGION",
+    "s3_url_ttl_s": "S3_URL_TTL_S",
+    "allow_private_urls": "ALLOW_PRIVATE_URLS",
+    "max_concurrency": "MAX_CONCURRENCY",
+    "log_level": "LOG_LEVEL",
+}
+
+
+def default_voices_dir() -> Path:
+    """The network volume when one is attached, else a folder beside the worker."""
+    if RUNPOD_VOLUME.is_dir():
+        return RUNPOD_VOLUME / "voices"
+    return Path("voices")
+
+
+class Settings(BaseModel):
+    """Everything configurable about the worker. Defaults are those of API.md."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    variant: Literal["original", "turbo", "multilingual"] = "original"
+    model_dir: Optional[Path] = None
+    baked_model_dir: Path = Path("/opt/chatterbox/weights")
+    volume_hf_cache: Path = RUNPOD_VOLUME / "huggingface-cache" / "hub"
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    watermark: bool = True
+    warmup: bool = True
+    voices_dir: Path = Field(default_factory=default_voices_dir)
+    max_text_chars: int = Field(default=5000, ge=1, le=100_000)
+    inline_max_bytes: int = Field(default=DEFAULT_INLINE_MAX_BYTES, ge=1)
+    aggregate_max_bytes: int = Field(default=DEFAULT_AGGREGATE_MAX_BYTES, ge=1)
+    bucket_endpoint_url: Optional[str] = None
+    bucket_access_key_id: Optional[str] = None
+    bucket_secret_access_key: Optional[str] = None
+    bucket_name: Optional[str] = None
+    bucket_region: Optional[str] = None
+    s3_url_ttl_s: int = Field(default=3600, ge=1, le=7 * 24 * 3600)
+    allow_private_urls: bool = False
+    max_concurrency: Optional[int] = Field(default=None, ge=1, le=64)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @property
+    def s3_configured(self) -> bool:
+        return bool(self.bucket_endpoint_url and self.bucket_access_key_id
+                    and self.bucket_secret_access_key and self.bucket_name)
+
+    def concurrency(self, device: str) -> int:
+        """Jobs one worker takes at once: the setting, else 1 (synthesis holds the model)."""
+        return self.max_concurrency or 1
+
+
+def load_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:
+    """Read settings from ``environ`` (default ``os.environ``); one-line ``ConfigError`` if malformed."""
+    environ = os.environ if environ is None else environ
+    raw = {}
+    for name, variable in ENVIRONMENT.items():
+        value = environ.get(variable)
+        if value is not None and value.strip() != "":
+            raw[name] = value.strip()
+    try:
+        return Settings(**raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = str(first["loc"][0]) if first["loc"] else "?"
+        variable = ENVIRONMENT.get(name, name)
+        shown = raw.get(name, "")
+        if "secret" in name or "access_key" in name:
+            shown = "***"
+        raise ConfigError(f"{variable}={shown!r} is not valid: {first['msg']}") from None

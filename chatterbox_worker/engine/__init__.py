@@ -1,0 +1,45 @@
+"""Model loading, the decode loop, vocoding: everything that touches Chatterbox internals.
+
+Importing this package is cheap: the heavy upstream modules load in
+``load_engine``, not at import.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from ..config import Settings
+from .architecture import default_device
+from .quiet import filter_third_party_warnings
+from .decode import SamplingParams
+from .synthesis import Cancelled, Engine, Synthesis, SynthesisRequest
+from .weights import locate_weights
+
+log = logging.getLogger(__name__)
+
+
+def load_engine(settings: Settings) -> Engine:
+    """Find the weights (``ConfigError`` naming every source tried), load them, warm up."""
+    filter_third_party_warnings()
+    from .model import load_model
+
+    started = time.perf_counter()
+    device = default_device(settings.device)
+    source = locate_weights(settings.variant, model_dir=settings.model_dir,
+                            baked_dir=settings.baked_model_dir,
+                            volume_hf_cache=settings.volume_hf_cache)
+    model = load_model(source, variant=settings.variant, device=device)
+    engine = Engine(model, watermark=settings.watermark)
+    log.info("model %s loaded from %s (%s) on %s in %.1fs", model.signature, source.source,
+             source.directory, device, time.perf_counter() - started)
+    if settings.warmup:
+        took = engine.warm_up()
+        if took is None:
+            log.info("no built-in voice in the checkpoint: warm-up skipped")
+        else:
+            log.info("warm-up synthesis took %.2fs", took)
+    return engine
+
+
+__all__ = ["Cancelled", "Engine", "SamplingParams", "Synthesis", "SynthesisRequest", "load_engine"]

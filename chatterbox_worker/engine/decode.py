@@ -1,0 +1,104 @@
+"""The T3 decode loop: text tokens + voice -> speech tokens, one at a time.
+
+This is upstream's ``T3.inference`` sampling procedure step for step (same
+embeddings, same classifier-free guidance mix, same logits processors in the
+same order), so with equal seeds it picks the same tokens. What differs is
+what a server needs:
+
+- guidance off (``cfg_weight=0``) runs one sequence instead of crashing;
+- randomness comes from the request's own ``torch.Generator``;
+- tokens are yielded as they are made (streaming), and the caller's budget
+  ends a piece that never emits its stop token;
+- no attentions or hidden states of every layer are asked for, no hooks
+  are attached, nothing is printed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from transformers import DynamicCache
+from transformers.generation.logits_process import (MinPLogitsWarper,
+                                                    RepetitionPenaltyLogitsProcessor,
+                                                    TopPLogitsWarper)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.8
+    cfg_weight: float = 0.5
+    top_p: float = 1.0
+    min_p: float = 0.05
+    repetition_penalty: float = 1.2
+
+
+def text_tokens_for(model, text: str) -> torch.Tensor:
+    """(1, L) token ids of normalised ``text`` with T3's start/stop text tokens around them."""
+    from chatterbox.tts import punc_norm
+
+    hp = model.t3.hp
+    tokens = model.tokenizer.text_to_tokens(punc_norm(text)).long()
+    start = torch.full((1, 1), hp.start_text_token, dtype=torch.long)
+    stop = torch.full((1, 1), hp.stop_text_token, dtype=torch.long)
+    return torch.cat([start, tokens, stop], dim=1).to(model.device)
+
+
+@torch.inference_mode()
+def decode_speech_tokens(model, t3_cond, text_tokens: torch.Tensor, params: SamplingParams, *,
+                         max_new_tokens: int, generator: torch.Generator) -> Iterator[int]:
+    """Yield speech token ids until the stop token or ``max_new_tokens``.
+
+    The stop token itself is not yielded. Closing the iterator stops decoding
+    at once (cancellation) and frees the KV cache.
+    """
+    t3 = model.t3
+    hp = t3.hp
+    guided = params.cfg_weight > 0.0
+    # Guidance runs the text twice: row 0 conditioned, row 1 with its text
+    # embedding zeroed by prepare_input_embeds (as upstream).
+    tokens = text_tokens.repeat(2, 1) if guided else text_tokens
+    batch = tokens.size(0)
+    device = tokens.device
+
+    bos = torch.full((batch, 1), hp.start_speech_token, dtype=torch.long, device=device)
+    embeds, _ = t3.prepare_input_embeds(t3_cond=t3_cond, text_tokens=tokens, speech_tokens=bos,
+                                        cfg_weight=params.cfg_weight)
+    # Upstream appends a second start-of-speech embedding at position 0.
+    bos_embed = t3.speech_emb(bos[:1]) + t3.speech_pos_emb.get_fixed_embedding(0)
+    inputs = torch.cat([embeds, bos_embed.expand(batch, -1, -1)], dim=1)
+
+    repetition = RepetitionPenaltyLogitsProcessor(penalty=float(params.repetition_penalty))
+    min_p = MinPLogitsWarper(min_p=params.min_p)
+    top_p = TopPLogitsWarper(top_p=params.top_p)
+    cfg = None
+    generated = torch.full((1, 1), hp.start_speech_token, dtype=torch.long, device=device)
+
+    cache = DynamicCache()
+    out = t3.tfmr(inputs_embeds=inputs, past_key_values=cache, use_cache=True)
+    try:
+        for step in range(max_new_tokens):
+            logits = t3.speech_head(out.last_hidden_state[:, -1, :])
+            if guided:
+                cond, uncond = logits[0:1], logits[1:2]
+                if cfg is None:
+                    cfg = torch.as_tensor(params.cfg_weight, device=cond.device, dtype=cond.dtype)
+                logits = cond + cfg * (cond - uncond)
+            logits = repetition(generated, logits)
+            if params.temperature != 1.0:
+                logits = logits / params.temperature
+            logits = min_p(generated, logits)
+            logits = top_p(generated, logits)
+            probs = torch.softmax(logits, dim=-1)
+            next_token = torch.multinomial(probs, num_samples=1, generator=generator)
+            token = int(next_token)
+            if token == hp.stop_speech_token:
+                return
+            yield token
+            generated = torch.cat([generated, next_token], dim=1)
+            embed = t3.speech_emb(next_token) + t3.speech_pos_emb.get_fixed_embedding(step + 1)
+            out = t3.tfmr(inputs_embeds=embed.expand(batch, -1, -1), past_key_values=out.past_key_values,
+                          use_cache=True)
+    finally:
+        del cache, out

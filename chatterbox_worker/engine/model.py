@@ -1,0 +1,137 @@
+"""Loading a Chatterbox checkpoint into upstream modules, once per worker.
+
+``ChatterboxModel`` holds the four upstream parts (T3, S3Gen, voice encoder,
+text tokenizer), the built-in voice and the facts a voice file must match
+(variant and signature). It keeps no per-request state: conditionals are
+passed in by each request, never stored here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..errors import ConfigError
+from .architecture import ModelSizes, build_s3gen, build_t3, build_voice_encoder
+from .weights import WeightSource, required_files
+
+log = logging.getLogger(__name__)
+
+
+def model_signature(variant: str, directory: Path) -> str:
+    """A short id of exactly these weights, cheap to compute on multi-GB files.
+
+    Hashes each weight file's name, size, and first and last MiB (safetensors
+    files start with a header listing every tensor's shape and offset), so two
+    checkpoints of one layout but other weights get other signatures.
+    """
+    digest = hashlib.sha256(variant.encode())
+    for name in required_files(variant):
+        path = directory / name
+        size = path.stat().st_size
+        digest.update(f"{name}:{size}".encode())
+        with open(path, "rb") as fh:
+            digest.update(fh.read(1 << 20))
+            if size > 2 << 20:
+                fh.seek(-(1 << 20), 2)
+                digest.update(fh.read(1 << 20))
+    return f"chatterbox-{variant}-{digest.hexdigest()[:16]}"
+
+
+@dataclass
+class ChatterboxModel:
+    variant: str
+    device: str
+    t3: torch.nn.Module
+    s3gen: torch.nn.Module
+    voice_encoder: torch.nn.Module
+    tokenizer: object
+    builtin_voice: Optional[object]  # upstream Conditionals, or None
+    signature: str
+    source: WeightSource
+    sizes: ModelSizes = field(default_factory=ModelSizes)
+
+    def describe(self) -> dict:
+        return {"variant": self.variant, "signature": self.signature,
+                "source": self.source.source, "builtin_voice": self.builtin_voice is not None,
+                "size": "released" if self.sizes.is_released else "shrunk (test checkpoint)"}
+
+
+def _load_safetensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as exc:
+        raise ConfigError(f"cannot read {path.name}: {str(exc).splitlines()[0][:200]}") from None
+
+
+def _load_state(module: torch.nn.Module, state: dict, name: str, *, strict: bool = True,
+                allowed_missing: tuple = ()) -> None:
+    try:
+        result = module.load_state_dict(state, strict=strict)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()
+        raise ConfigError(f"{name} does not fit the {type(module).__name__} model: "
+                          f"{' '.join(first[:2])[:300]}") from None
+    if not strict:
+        missing = [k for k in result.missing_keys if not k.endswith(allowed_missing)]
+        if missing:
+            raise ConfigError(f"{name} lacks {len(missing)} weights, e.g. {missing[:3]}")
+
+
+def load_model(source: WeightSource, *, variant: str, device: str) -> ChatterboxModel:
+    """Build the upstream modules and load ``source`` into them (``ConfigError`` on any mismatch)."""
+    from chatterbox.models.tokenizers import EnTokenizer
+    from chatterbox.tts import Conditionals
+
+    directory = source.directory
+    try:
+        sizes = ModelSizes.load(directory)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{directory}: {exc}") from None
+
+    ve = build_voice_encoder(sizes)
+    _load_state(ve, _load_safetensors(directory / "ve.safetensors"), "ve.safetensors")
+
+    t3 = build_t3(sizes)
+    t3_state = _load_safetensors(directory / "t3_cfg.safetensors")
+    if "model" in t3_state:  # some exports nest the state dict, as upstream allows
+        t3_state = t3_state["model"][0]
+    _load_state(t3, t3_state, "t3_cfg.safetensors")
+
+    s3gen = build_s3gen(sizes)
+    # Upstream loads S3Gen non-strictly: the tokenizer's mel filters and window
+    # are computed, not stored. Anything else missing is a broken checkpoint.
+    _load_state(s3gen, _load_safetensors(directory / "s3gen.safetensors"), "s3gen.safetensors",
+                strict=False, allowed_missing=("_mel_filters", "window", "trim_fade"))
+
+    try:
+        tokenizer = EnTokenizer(str(directory / "tokenizer.json"))
+    except Exception as exc:
+        raise ConfigError(f"cannot read tokenizer.json: {str(exc)[:200]}") from None
+
+    for module in (ve, t3, s3gen):
+        module.to(device).eval()
+
+    builtin = None
+    conds_path = directory / "conds.pt"
+    if conds_path.exists():
+        try:
+            builtin = Conditionals.load(conds_path, map_location="cpu").to(device)
+        except Exception as exc:
+            raise ConfigError(f"cannot read conds.pt (built-in voice): {str(exc)[:200]}") from None
+
+    return ChatterboxModel(
+        variant=variant, device=device, t3=t3, s3gen=s3gen, voice_encoder=ve,
+        tokenizer=tokenizer, builtin_voice=builtin,
+        signature=model_signature(variant, directory), source=source, sizes=sizes)
+
+
+__all__ = ["ChatterboxModel", "load_model", "model_signature", "json"]

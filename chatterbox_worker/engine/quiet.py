@@ -1,0 +1,25 @@
+"""Third-party warnings the model path triggers, filtered by name with the reason.
+
+Our own code runs clean under ``python -W error``; these come from upstream
+packages we pin and cannot change, on every import or every generate.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+THIRD_PARTY_WARNINGS = [
+    # resemble-perth imports pkg_resources (hence setuptools<81 in the lock).
+    (UserWarning, r"pkg_resources is deprecated"),
+    # chatterbox's S3Gen builds diffusers' LoRACompatibleLinear; harmless at inference.
+    (FutureWarning, r".*LoRACompatibleLinear.* is deprecated"),
+    # upstream's attention code uses the old SDPA context manager.
+    (FutureWarning, r"`torch.backends.cuda.sdp_kernel\(\)` is deprecated"),
+    # librosa -> audioread imports these stdlib modules, deprecated in 3.11.
+    (DeprecationWarning, r"'(aifc|audioop|sunau)' is deprecated"),
+]
+
+
+def filter_third_party_warnings() -> None:
+    for category, message in THIRD_PARTY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)

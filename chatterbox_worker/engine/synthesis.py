@@ -1,0 +1,149 @@
+"""Text -> one take of speech: split, decode, vocode, join, watermark.
+
+The ``Engine`` is the one object the worker keeps warm. Every request brings
+its own voice, parameters and seed; the engine holds no state between
+requests except the model weights.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .conditionals import S3GEN_SR, VoiceConditionals, build_conditionals, from_upstream
+from .decode import SamplingParams, decode_speech_tokens, text_tokens_for
+from .model import ChatterboxModel
+from .text import split_text, token_budget
+from .vocoder import Watermarker, speakable, vocode
+
+# Between pieces of long text: fades so no piece starts or ends on a click,
+# and a short pause where a sentence break would be anyway.
+PIECE_FADE_S = 0.01
+PIECE_PAUSE_S = 0.08
+SEED_MODULUS = 2**63
+
+
+@dataclass(frozen=True)
+class SynthesisRequest:
+    text: str
+    voice: VoiceConditionals
+    seed: int
+    exaggeration: float = 0.5
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass
+class Synthesis:
+    audio: np.ndarray  # float32 mono in [-1, 1] at sample_rate
+    sample_rate: int
+    pieces: int
+    speech_tokens: int  # all tokens T3 made
+    audio_tokens: int  # of those, the ones vocoded (special ids are dropped)
+    total_s: float
+
+    @property
+    def duration_s(self) -> float:
+        return len(self.audio) / self.sample_rate
+
+
+class Cancelled(Exception):
+    """The caller asked to stop; raised between pieces."""
+
+
+def fade_edges(audio: np.ndarray, seconds: float, sample_rate: int) -> np.ndarray:
+    """Raised-cosine fade in and out over ``seconds`` at each end (a copy)."""
+    n = min(len(audio) // 2, int(seconds * sample_rate))
+    audio = np.array(audio, dtype=np.float32)
+    if n:
+        ramp = np.sin(np.linspace(0, np.pi / 2, n, dtype=np.float32)) ** 2
+        audio[:n] *= ramp
+        audio[-n:] *= ramp[::-1]
+    return audio
+
+
+def join_pieces(pieces: Sequence[np.ndarray], sample_rate: int) -> np.ndarray:
+    """One take from separately made pieces: edges faded, with a short pause between."""
+    if not pieces:
+        return np.zeros(0, dtype=np.float32)
+    pause = np.zeros(int(PIECE_PAUSE_S * sample_rate), dtype=np.float32)
+    out: List[np.ndarray] = []
+    for i, piece in enumerate(pieces):
+        if i:
+            out.append(pause)
+        out.append(fade_edges(piece, PIECE_FADE_S, sample_rate) if len(pieces) > 1 else piece)
+    return np.concatenate(out).astype(np.float32)
+
+
+class Engine:
+    """The warm model and what it can do for one request at a time."""
+
+    sample_rate = S3GEN_SR
+
+    def __init__(self, model: ChatterboxModel, *, watermark: bool = True):
+        self.model = model
+        self.watermarker = Watermarker(watermark)
+        # S3Gen draws from torch's global generator and the model is not
+        # re-entrant: one synthesis at a time per process.
+        self._lock = threading.Lock()
+        self._builtin = from_upstream(model.builtin_voice) if model.builtin_voice is not None else None
+
+    @property
+    def builtin_voice(self) -> Optional[VoiceConditionals]:
+        return self._builtin
+
+    def voice_from_clips(self, clips_24k: Sequence[np.ndarray], prompt_clip: int = 0) -> VoiceConditionals:
+        with self._lock:
+            return build_conditionals(self.model, clips_24k, prompt_clip)
+
+    def speech_tokens(self, request: SynthesisRequest, piece: str, generator: torch.Generator,
+                      max_tokens: Optional[int] = None):
+        """Iterator over the speech tokens of one piece of text."""
+        t3_cond, _ = request.voice.for_request(request.exaggeration)
+        return decode_speech_tokens(
+            self.model, t3_cond, text_tokens_for(self.model, piece), request.sampling,
+            max_new_tokens=max_tokens or token_budget(piece), generator=generator)
+
+    def new_generator(self, seed: int) -> torch.Generator:
+        return torch.Generator(device=self.model.device).manual_seed(seed % SEED_MODULUS)
+
+    def synthesize(self, request: SynthesisRequest, *,
+                   progress: Optional[Callable[[int, int], None]] = None,
+                   cancelled: Optional[Callable[[], bool]] = None,
+                   max_tokens: Optional[int] = None) -> Synthesis:
+        """The whole take at once (``stream: false``): each piece vocoded whole, as upstream does."""
+        started = time.perf_counter()
+        pieces = split_text(request.text)
+        audio: List[np.ndarray] = []
+        n_tokens = n_audio_tokens = 0
+        with self._lock:
+            generator = self.new_generator(request.seed)
+            for index, piece in enumerate(pieces):
+                if cancelled is not None and cancelled():
+                    raise Cancelled()
+                tokens = list(self.speech_tokens(request, piece, generator, max_tokens))
+                n_tokens += len(tokens)
+                tokens = speakable(tokens)
+                n_audio_tokens += len(tokens)
+                _, gen = request.voice.for_request(request.exaggeration)
+                audio.append(vocode(self.model, tokens, gen,
+                                    seed=(request.seed + index) % SEED_MODULUS))
+                if progress is not None:
+                    progress(index + 1, len(pieces))
+            take = self.watermarker.apply(join_pieces(audio, self.sample_rate), self.sample_rate)
+        take = np.clip(take, -1.0, 1.0).astype(np.float32)
+        return Synthesis(audio=take, sample_rate=self.sample_rate, pieces=len(pieces),
+                         speech_tokens=n_tokens, audio_tokens=n_audio_tokens, total_s=time.perf_counter() - started)
+
+    def warm_up(self) -> Optional[float]:
+        """One short synthesis so the first job pays no lazy initialisation; seconds taken."""
+        if self._builtin is None:
+            return None
+        started = time.perf_counter()
+        self.synthesize(SynthesisRequest(text="Warming up.", voice=self._builtin, seed=0),
+                        max_tokens=25)
+        return time.perf_counter() - started

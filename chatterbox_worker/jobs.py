@@ -1,0 +1,205 @@
+"""A RunPod job in, the items it yields out.
+
+The only module that knows the job dict: it validates the input, calls the
+engine and the voice store, encodes the audio and shapes the items of
+API.md. Every failure becomes exactly one ``{"error": "<code>: <message>"}``
+item; no exception escapes to the SDK.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import platform
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional
+
+
+from . import __version__
+from .audio import encode_audio
+from .config import Settings
+from .engine import Engine, SamplingParams, SynthesisRequest
+from .errors import InternalError, InvalidInput, OutputTooLarge, StorageUnavailable, WorkerError
+from .schemas import GenerateRequest, HealthRequest, parse_request
+from .voices import VoiceStore
+
+log = logging.getLogger("chatterbox_worker.jobs")
+
+ProgressCallback = Callable[[dict, dict], None]
+
+
+@dataclass
+class JobSummary:
+    """What the one log line at the end of each job says."""
+
+    job_id: str
+    action: str = "?"
+    voice: str = "-"
+    audio_s: float = 0.0
+    ttfa_s: Optional[float] = None
+    total_s: float = 0.0
+    outcome: str = "ok"
+    extra: dict = field(default_factory=dict)
+
+    def line(self) -> str:
+        rtf = self.total_s / self.audio_s if self.audio_s else None
+        parts = [f"job={self.job_id}", f"action={self.action}", f"voice={self.voice}",
+                 f"audio_s={self.audio_s:.2f}",
+                 f"ttfa_s={self.ttfa_s:.3f}" if self.ttfa_s is not None else "ttfa_s=-",
+                 f"total_s={self.total_s:.3f}", f"rtf={rtf:.3f}" if rtf else "rtf=-",
+                 f"outcome={self.outcome}"]
+        return " ".join(parts)
+
+
+class JobRunner:
+    """Runs jobs against one warm engine and one voice store."""
+
+    def __init__(self, settings: Settings, engine: Engine, voices: VoiceStore, *,
+                 progress: Optional[ProgressCallback] = None):
+        self.settings = settings
+        self.engine = engine
+        self.voices = voices
+        self.progress = progress
+
+    def run(self, job: dict) -> Iterator[dict]:
+        """Yield the items of one job; the last one is its result or its error."""
+        job_id = str(job.get("id", "-")) if isinstance(job, dict) else "-"
+        summary = JobSummary(job_id)
+        started = time.perf_counter()
+        try:
+            request = parse_request(job.get("input") if isinstance(job, dict) else None,
+                                    max_text_chars=self.settings.max_text_chars)
+            summary.action = request.action
+            if isinstance(request, GenerateRequest):
+                yield from self._generate(job, request, summary)
+            elif isinstance(request, HealthRequest):
+                yield self.health()
+            else:
+                raise InvalidInput(f"action '{request.action}' is not available in this build yet")
+        except WorkerError as exc:
+            summary.outcome = exc.code
+            yield exc.as_item()
+        except GeneratorExit:
+            summary.outcome = "cancelled"
+            raise
+        except Exception:  # the one place an unexpected failure becomes an item
+            summary.outcome = "internal_error"
+            log.exception("job=%s failed", job_id)
+            yield InternalError("synthesis failed unexpectedly; the worker logged the details "
+                                "under this job id").as_item()
+        finally:
+            summary.total_s = time.perf_counter() - started
+            log.info(summary.line())
+
+    # -- generate -----------------------------------------------------------
+
+    def _voice(self, request: GenerateRequest):
+        if request.voice_id is None:
+            voice = self.engine.builtin_voice
+            if voice is None:
+                raise InvalidInput("this model has no built-in voice; pass a voice_id "
+                                   "(see upload_voice)")
+            return voice
+        return self.voices.load(request.voice_id).conditionals
+
+    def _generate(self, job: dict, request: GenerateRequest, summary: JobSummary) -> Iterator[dict]:
+        if request.language != "en":
+            raise InvalidInput(f"language '{request.language}' needs the multilingual model; "
+                               f"this worker serves the {self.engine.model.variant} model (en only)")
+        if request.stream:
+            raise InvalidInput("stream: true is not available in this build yet; use stream: false")
+        if request.output == "s3":
+            raise StorageUnavailable("output 's3' needs S3 storage, which this worker does not "
+                                     "have configured (set BUCKET_ENDPOINT_URL, "
+                                     "BUCKET_ACCESS_KEY_ID, BUCKET_SECRET_ACCESS_KEY, BUCKET_NAME)")
+        summary.voice = request.voice_id or "builtin"
+        voice = self._voice(request)
+        seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
+        synth_request = SynthesisRequest(
+            text=request.text, voice=voice, seed=seed, exaggeration=float(request.exaggeration),
+            sampling=SamplingParams(temperature=float(request.temperature),
+                                    cfg_weight=float(request.cfg_weight), top_p=float(request.top_p),
+                                    min_p=float(request.min_p),
+                                    repetition_penalty=float(request.repetition_penalty)))
+        progress = None
+        if self.progress is not None:
+            def progress(done: int, total: int) -> None:
+                if total > 1:
+                    self.progress(job, {"pieces_done": done, "pieces_total": total})
+        started = time.perf_counter()
+        synthesis = self.engine.synthesize(synth_request, progress=progress)
+        audio = encode_audio(synthesis.audio, synthesis.sample_rate, request.format,
+                             request.sample_rate)
+        total_s = time.perf_counter() - started
+        duration = synthesis.duration_s
+        summary.audio_s, summary.ttfa_s = duration, total_s
+        if len(audio) > self.settings.inline_max_bytes:
+            raise OutputTooLarge(
+                f"the audio is {len(audio)} bytes, above INLINE_MAX_BYTES "
+                f"({self.settings.inline_max_bytes}); use format 'opus' or 'mp3', shorter text, "
+                f"or configure S3 output")
+        yield {
+            "type": "result", "format": request.format, "sample_rate": request.sample_rate,
+            "duration_s": round(duration, 3),
+            "audio_base64": base64.b64encode(audio).decode("ascii"),
+            "voice_id": request.voice_id, "seed": seed,
+            "timings": timings(ttfa_s=total_s, total_s=total_s, duration_s=duration),
+        }
+
+    # -- health -------------------------------------------------------------
+
+    def health(self) -> dict:
+        import runpod
+        import torch
+
+        voices_status = self.voices.status()
+        s3_status = "not configured"
+        degraded = voices_status != "ok"
+        return {
+            "status": "degraded" if degraded else "ok",
+            "model": self.engine.model.describe(),
+            "device": _device_name(self.engine.model.device),
+            "voices": self.voices.count(),
+            "voices_dir": str(self.voices.directory),
+            "storage": {"voices": voices_status, "s3": s3_status},
+            "versions": {"worker": __version__, "chatterbox": _package_version("chatterbox-tts"),
+                         "torch": torch.__version__, "runpod": runpod.__version__,
+                         "python": platform.python_version()},
+        }
+
+
+def timings(*, ttfa_s: float, total_s: float, duration_s: float) -> dict:
+    return {"ttfa_s": round(ttfa_s, 3), "total_s": round(total_s, 3),
+            "rtf": round(total_s / duration_s, 3) if duration_s else None}
+
+
+def _device_name(device: str) -> str:
+    return "cuda:0" if device == "cuda" else device
+
+
+def _package_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+__all__ = ["JobRunner", "JobSummary", "create_runner", "timings"]
+
+
+def create_runner(settings: Settings, *, progress: Optional[ProgressCallback] = None) -> JobRunner:
+    """Load and warm the engine, open the voice store: everything a worker needs before its first job."""
+    from .engine import load_engine
+
+    engine = load_engine(settings)
+    voices = VoiceStore(settings.voices_dir, model_signature=engine.model.signature,
+                        variant=engine.model.variant, device=engine.model.device)
+    status = voices.status()
+    if status != "ok":
+        # Not fatal: generate with the built-in voice still works; health says why.
+        log.warning("voice storage unusable: %s", status)
+    return JobRunner(settings, engine, voices, progress=progress)

@@ -1,0 +1,185 @@
+"""Pydantic models of every action's input (the API.md contract).
+
+Validation errors become one ``invalid_input`` message naming the field, so a
+client learns what to fix from the error alone.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, List, Literal, Mapping, Optional, Union
+
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt,
+                      StrictStr, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
+
+from .errors import InvalidInput
+
+VOICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+VOICE_ID_RE = re.compile(VOICE_ID_PATTERN)
+
+AudioFormat = Literal["wav", "pcm_s16le", "flac", "mp3", "opus"]
+
+# Output rates each encoder accepts. Opus only runs at these five rates; MP3 at
+# the MPEG-1/2/2.5 rates; the PCM containers take any rate in the usual range.
+SAMPLE_RATES = {
+    "opus": (8000, 12000, 16000, 24000, 48000),
+    "mp3": (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000),
+}
+PCM_RATE_RANGE = (8000, 48000)
+
+Number = Union[StrictFloat, StrictInt]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_voice_id(value: str) -> str:
+    if not VOICE_ID_RE.match(value):
+        raise ValueError(
+            "must be 1-64 letters, digits, '_' or '-', starting with a letter or digit")
+    return value
+
+
+class GenerateRequest(_Request):
+    action: Literal["generate"] = "generate"
+    text: StrictStr
+    voice_id: Optional[StrictStr] = None
+    format: AudioFormat = "wav"
+    sample_rate: StrictInt = 24000
+    stream: StrictBool = False
+    output: Literal["auto", "inline", "s3"] = "auto"
+    seed: Optional[StrictInt] = Field(default=None, ge=0, le=2**63 - 1)
+    exaggeration: Number = Field(default=0.5, ge=0.25, le=2.0)
+    cfg_weight: Number = Field(default=0.5, ge=0.0, le=1.0)
+    temperature: Number = Field(default=0.8, ge=0.05, le=5.0)
+    top_p: Number = Field(default=1.0, gt=0.0, le=1.0)
+    min_p: Number = Field(default=0.05, ge=0.0, le=1.0)
+    repetition_penalty: Number = Field(default=1.2, ge=1.0, le=2.0)
+    language: StrictStr = "en"
+
+    @field_validator("text")
+    @classmethod
+    def _text_length(cls, value: str, info: ValidationInfo) -> str:
+        value = value.strip()
+        limit = (info.context or {}).get("max_text_chars", 5000)
+        if not value:
+            raise ValueError("must not be empty")
+        if len(value) > limit:
+            raise ValueError(f"is {len(value)} characters; the limit is {limit}")
+        return value
+
+    @field_validator("voice_id")
+    @classmethod
+    def _voice_id(cls, value: Optional[str]) -> Optional[str]:
+        return None if value is None else _check_voice_id(value)
+
+    @field_validator("language")
+    @classmethod
+    def _language(cls, value: str) -> str:
+        return value.strip().lower()
+
+    @model_validator(mode="after")
+    def _rate_fits_format(self) -> "GenerateRequest":
+        allowed = SAMPLE_RATES.get(self.format)
+        if allowed is not None and self.sample_rate not in allowed:
+            raise ValueError(f"sample_rate {self.sample_rate} is not supported by {self.format}; "
+                             f"use one of {', '.join(map(str, allowed))}")
+        low, high = PCM_RATE_RANGE
+        if allowed is None and not low <= self.sample_rate <= high:
+            raise ValueError(f"sample_rate must be between {low} and {high}")
+        return self
+
+
+class UploadVoiceRequest(_Request):
+    action: Literal["upload_voice"]
+    voice_id: StrictStr
+    audio_base64: Optional[Union[StrictStr, List[StrictStr]]] = None
+    audio_url: Optional[Union[StrictStr, List[StrictStr]]] = None
+    voice_base64: Optional[StrictStr] = None
+    overwrite: StrictBool = False
+    rebuild: StrictBool = False
+
+    _voice_id = field_validator("voice_id")(classmethod(lambda cls, v: _check_voice_id(v)))
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "UploadVoiceRequest":
+        given = [name for name in ("audio_base64", "audio_url", "voice_base64")
+                 if getattr(self, name) not in (None, [])]
+        if len(given) != 1:
+            raise ValueError("give exactly one of audio_base64, audio_url, voice_base64")
+        if self.rebuild and self.voice_base64 is None:
+            raise ValueError("rebuild applies only to voice_base64")
+        return self
+
+
+class GetVoiceRequest(_Request):
+    action: Literal["get_voice"]
+    voice_id: StrictStr
+    export: StrictBool = False
+
+    _voice_id = field_validator("voice_id")(classmethod(lambda cls, v: _check_voice_id(v)))
+
+
+class ListVoicesRequest(_Request):
+    action: Literal["list_voices"]
+
+
+class DeleteVoiceRequest(_Request):
+    action: Literal["delete_voice"]
+    voice_id: StrictStr
+
+    _voice_id = field_validator("voice_id")(classmethod(lambda cls, v: _check_voice_id(v)))
+
+
+class HealthRequest(_Request):
+    action: Literal["health"]
+
+
+REQUESTS = {
+    "generate": GenerateRequest,
+    "upload_voice": UploadVoiceRequest,
+    "get_voice": GetVoiceRequest,
+    "list_voices": ListVoicesRequest,
+    "delete_voice": DeleteVoiceRequest,
+    "health": HealthRequest,
+}
+
+Request = Union[GenerateRequest, UploadVoiceRequest, GetVoiceRequest, ListVoicesRequest,
+                DeleteVoiceRequest, HealthRequest]
+
+
+def describe_errors(exc: ValidationError) -> str:
+    """One readable line from pydantic's errors: ``field: problem; field: problem``."""
+    parts = []
+    for error in exc.errors(include_url=False):
+        field = ".".join(str(part) for part in error["loc"])
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = "unknown field"
+        elif message.startswith("Value error, "):
+            message = message[len("Value error, "):]
+        parts.append(f"{field}: {message}" if field else message)
+    return "; ".join(parts)
+
+
+def parse_request(job_input: Any, *, max_text_chars: int) -> Request:
+    """Validate a job's ``input`` into the request model of its action, or raise ``InvalidInput``."""
+    if not isinstance(job_input, Mapping):
+        raise InvalidInput("input must be a JSON object")
+    action = job_input.get("action")
+    if action is None:
+        if "text" not in job_input:
+            raise InvalidInput("input needs an 'action' (one of: " + ", ".join(REQUESTS)
+                               + ") or a 'text' to speak")
+        action = "generate"
+    model = REQUESTS.get(action) if isinstance(action, str) else None
+    if model is None:
+        raise InvalidInput(f"unknown action {action!r}; use one of: " + ", ".join(REQUESTS))
+    data = dict(job_input)
+    data["action"] = action
+    try:
+        return model.model_validate(data, context={"max_text_chars": max_text_chars})
+    except ValidationError as exc:
+        raise InvalidInput(describe_errors(exc)) from None

@@ -1,0 +1,63 @@
+"""RunPod serverless entry point for the Chatterbox TTS worker.
+
+Importing this module reads the settings and loads and warms the model (so a
+broken model fails the worker at start-up, not on its first job); running it
+starts the RunPod worker, or with no RunPod job queue in the environment runs
+``test_input.json`` locally and saves the audio under ``output/``.
+"""
+
+import logging
+import os
+import sys
+
+from chatterbox_worker.config import load_settings
+from chatterbox_worker.errors import ConfigError
+from chatterbox_worker.jobs import create_runner
+
+
+def _progress(job, progress):
+    import runpod
+
+    runpod.serverless.progress_update(job, progress)
+
+
+def _start():
+    try:
+        settings = load_settings()
+        logging.basicConfig(level=settings.log_level, stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        # Progress updates go to RunPod's job API, which exists only on the platform.
+        on_platform = bool(os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT"))
+        return create_runner(settings, progress=_progress if on_platform else None)
+    except ConfigError as exc:
+        print(f"chatterbox-worker: cannot start: {exc}", file=sys.stderr)
+    except Exception as exc:  # one line, no traceback: the operator reads this in RunPod's log
+        print(f"chatterbox-worker: cannot start: {type(exc).__name__}: {exc}", file=sys.stderr)
+    sys.exit(2)
+
+
+runner = _start()
+
+
+def handler(job):
+    """Generator handler: every yielded item is one streamed partial of the job."""
+    yield from runner.run(job)
+
+
+if __name__ == "__main__":
+    serve_api = any(arg.startswith("--rp_serve_api") for arg in sys.argv[1:])
+    if not serve_api and not os.environ.get("RUNPOD_WEBHOOK_GET_JOB"):
+        from pathlib import Path
+
+        from chatterbox_worker.local_test import read_job, run_job
+
+        here = Path(__file__).resolve().parent
+        sys.exit(run_job(handler, read_job(sys.argv[1:], here / "test_input.json"), here / "output"))
+
+    import runpod
+
+    runpod.serverless.start({
+        "handler": handler,
+        "return_aggregate_stream": True,
+        "concurrency_modifier": lambda current: runner.settings.concurrency(runner.engine.model.device),
+    })

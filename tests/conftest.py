@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny random checkpoints made on the fly, and one warm engine per session."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# diffusers writes under HF_HOME at import; tests never touch the user's cache
+# and never reach the Hub.
+os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="cbw-hf-"))
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A random-weights checkpoint in the upstream layout (seed 0), shared by the session."""
+    from chatterbox_worker.tiny_model import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("tiny-seed0"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def settings_env(tiny_checkpoint, tmp_path_factory) -> dict:
+    """Environment for a worker on the tiny checkpoint with its own voices directory."""
+    return {"CHATTERBOX_MODEL_DIR": str(tiny_checkpoint),
+            "VOICES_DIR": str(tmp_path_factory.mktemp("voices")),
+            "CHATTERBOX_WARMUP": "0"}
+
+
+@pytest.fixture(scope="session")
+def engine(settings_env):
+    from chatterbox_worker.config import load_settings
+    from chatterbox_worker.engine import load_engine
+
+    return load_engine(load_settings(settings_env))
+
+
+@pytest.fixture
+def model(engine):
+    return engine.model
+
+
+def worker_env(**extra) -> dict:
+    """os.environ for a worker subprocess: our package importable, quiet, offline."""
+    env = dict(os.environ)
+    env.update({"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+    for key in ("RUNPOD_WEBHOOK_GET_JOB", "RUNPOD_WEBHOOK_POST_OUTPUT"):
+        env.pop(key, None)
+    env.update({k: str(v) for k, v in extra.items()})
+    return env

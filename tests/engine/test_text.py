@@ -1,0 +1,34 @@
+from chatterbox_worker.engine.text import (MAX_PIECE_CHARS, MAX_TOKENS_PER_PIECE, split_text,
+                                           token_budget)
+
+
+def test_short_text_is_one_piece():
+    assert split_text("  Hello   there. ") == ["Hello there."]
+
+
+def test_sentences_are_packed_up_to_the_limit_and_never_split_midway():
+    sentences = [f"Sentence number {i} is here." for i in range(40)]
+    pieces = split_text(" ".join(sentences))
+    assert len(pieces) > 1
+    assert all(len(p) <= MAX_PIECE_CHARS for p in pieces)
+    assert " ".join(pieces) == " ".join(sentences)
+    for piece in pieces:
+        assert piece.endswith(".")
+
+
+def test_an_overlong_sentence_is_cut_at_clauses_then_words():
+    text = ", ".join(["a clause with several words in it"] * 30) + "."
+    pieces = split_text(text)
+    assert all(len(p) <= MAX_PIECE_CHARS for p in pieces)
+    assert " ".join(pieces).replace(" ", "") == text.replace(" ", "")
+    unbroken = "x" * 700
+    assert [len(p) for p in split_text(unbroken)] == [300, 300, 100]
+
+
+def test_token_budget_grows_with_text_and_is_capped():
+    short, longer = token_budget("Hi."), token_budget("A much longer sentence than that one.")
+    assert 25 <= short < longer <= MAX_TOKENS_PER_PIECE
+    # ~25 tokens per second: a sentence read at 14 chars/s fits with room to spare.
+    text = "x" * 140
+    assert token_budget(text) >= 25 * 140 / 14
+    assert token_budget("y" * 5000) == MAX_TOKENS_PER_PIECE

@@ -1,0 +1,126 @@
+"""Jobs in, items out: results, the error contract, health, and a worker that stays healthy."""
+
+import base64
+import io
+
+import pytest
+import soundfile
+
+from chatterbox_worker.config import load_settings
+from chatterbox_worker.jobs import JobRunner
+from chatterbox_worker.tiny_model import synthetic_reference
+from chatterbox_worker.voices import VoiceStore, voice_file_bytes
+
+
+@pytest.fixture
+def runner(engine, tmp_path):
+    def make(**env):
+        settings = load_settings({"VOICES_DIR": str(tmp_path / "voices"), **env})
+        store = VoiceStore(settings.voices_dir, model_signature=engine.model.signature,
+                           variant="original")
+        return JobRunner(settings, engine, store)
+    return make
+
+
+def run(runner, job_input, job_id="job-1"):
+    return list(runner.run({"id": job_id, "input": job_input}))
+
+
+def only(items):
+    assert len(items) == 1, items
+    return items[0]
+
+
+def test_generate_returns_one_result_item_with_a_wav(runner):
+    item = only(run(runner(), {"text": "Hello there.", "seed": 5}))
+    assert item["type"] == "result" and item["format"] == "wav" and item["seed"] == 5
+    samples, rate = soundfile.read(io.BytesIO(base64.b64decode(item["audio_base64"])))
+    assert rate == 24000 and samples.ndim == 1
+    assert item["duration_s"] == pytest.approx(len(samples) / rate, abs=0.001)
+    assert set(item["timings"]) == {"ttfa_s", "total_s", "rtf"}
+    assert item["voice_id"] is None
+
+
+def test_same_seed_gives_the_same_bytes_and_no_seed_is_reported(runner):
+    r = runner()
+    a = only(run(r, {"text": "Same again.", "seed": 1}))
+    b = only(run(r, {"text": "Same again.", "seed": 1}))
+    assert a["audio_base64"] == b["audio_base64"]
+    c = only(run(r, {"text": "Same again."}))
+    assert isinstance(c["seed"], int)
+
+
+def test_generate_with_a_stored_voice(runner, engine, tmp_path):
+    r = runner()
+    voice = engine.voice_from_clips([synthetic_reference(seconds=5, seed=9)])
+    r.voices.directory.mkdir(parents=True, exist_ok=True)
+    r.voices.path_for("deep").write_bytes(voice_file_bytes(
+        "deep", voice, model=engine.model.signature, variant="original",
+        reference_audio=synthetic_reference(seconds=5, seed=9), reference_sample_rate=24000))
+    mine = only(run(r, {"text": "Hello there.", "voice_id": "deep", "seed": 2}))
+    builtin = only(run(r, {"text": "Hello there.", "seed": 2}))
+    assert mine["voice_id"] == "deep"
+    assert mine["audio_base64"] != builtin["audio_base64"]
+
+
+@pytest.mark.parametrize("job_input,expected", [
+    ({"text": "hi", "voice_id": "ghost"}, "voice_not_found: Voice 'ghost' not found."),
+    ({"text": ""}, "invalid_input: text: must not be empty"),
+    ({"text": "hi", "volume": 11}, "invalid_input: volume: unknown field"),
+    ({"action": "sing"}, "invalid_input: unknown action 'sing'"),
+    ({"text": "hi", "language": "fr"}, "invalid_input: language 'fr' needs the multilingual model"),
+    ({"text": "hi", "output": "s3"}, "storage_unavailable: output 's3' needs S3 storage"),
+])
+def test_failures_are_one_error_item(runner, job_input, expected):
+    item = only(run(runner(), job_input))
+    assert set(item) == {"error"}
+    assert item["error"].startswith(expected)
+
+
+def test_missing_input_is_invalid(runner):
+    assert only(list(runner().run({"id": "x"})))["error"].startswith("invalid_input")
+
+
+def test_too_large_for_inline_says_what_to_do(runner):
+    r = runner(INLINE_MAX_BYTES="1000")
+    for output in ("auto", "inline"):
+        error = only(run(r, {"text": "Hello there.", "output": output}))["error"]
+        assert error.startswith("output_too_large:") and "opus" in error
+
+
+def test_an_unexpected_failure_is_an_internal_error_and_the_worker_recovers(runner, monkeypatch, caplog):
+    r = runner()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("secret path /root/weights exploded")
+
+    monkeypatch.setattr(r.engine, "synthesize", broken)
+    item = only(run(r, {"text": "Hello."}, job_id="boom"))
+    assert item["error"].startswith("internal_error:")
+    assert "/root" not in item["error"] and "secret" not in item["error"]
+    assert "job=boom" in caplog.text
+    monkeypatch.undo()
+    assert only(run(r, {"text": "Hello.", "seed": 1}))["type"] == "result"
+
+
+def test_each_job_logs_one_summary_line(runner, caplog):
+    caplog.set_level("INFO", logger="chatterbox_worker.jobs")
+    run(runner(), {"text": "Hello.", "seed": 1}, job_id="sum-1")
+    lines = [r.message for r in caplog.records if "job=sum-1" in r.message]
+    assert len(lines) == 1
+    for field in ("action=generate", "voice=builtin", "audio_s=", "ttfa_s=", "rtf=", "outcome=ok"):
+        assert field in lines[0]
+
+
+def test_health_reports_model_storage_and_versions(runner, engine, tmp_path):
+    item = only(run(runner(), {"action": "health"}))
+    assert item["status"] == "ok" and item["device"] == "cpu"
+    assert item["model"]["signature"] == engine.model.signature
+    assert item["storage"] == {"voices": "ok", "s3": "not configured"}
+    assert set(item["versions"]) >= {"worker", "chatterbox", "torch", "runpod"}
+    assert item["versions"]["chatterbox"] == "0.1.7"
+
+    blocked = tmp_path / "blocked"
+    blocked.write_text("not a directory")
+    item = only(run(runner(VOICES_DIR=str(blocked)), {"action": "health"}))
+    assert item["status"] == "degraded" and "not a directory" in item["storage"]["voices"]
