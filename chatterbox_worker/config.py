@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal, Mapping, Optional
+from typing import Literal, Mapping, Optional, Tuple
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError
 
@@ -46,6 +46,9 @@ ENVIRONMENT = {
     "s3_url_ttl_s": "S3_URL_TTL_S",
     "allow_private_urls": "ALLOW_PRIVATE_URLS",
     "max_concurrency": "MAX_CONCURRENCY",
+    "stream_chunk_tokens": "STREAM_CHUNK_TOKENS",
+    "stream_left_context_tokens": "STREAM_LEFT_CONTEXT_TOKENS",
+    "stream_prompt_tokens": "STREAM_PROMPT_TOKENS",
     "log_level": "LOG_LEVEL",
 }
 
@@ -81,7 +84,25 @@ class Settings(BaseModel):
     s3_url_ttl_s: int = Field(default=3600, ge=1, le=7 * 24 * 3600)
     allow_private_urls: bool = False
     max_concurrency: Optional[int] = Field(default=None, ge=1, le=64)
+    # Streaming schedule: tokens per chunk (25 tokens = 1 s; the last size
+    # repeats), left context re-vocoded per chunk, and how much of the voice
+    # prompt (in tokens, 0 = all) each chunk's flow decoder sees.
+    stream_chunk_tokens: Tuple[int, ...] = (8, 16, 32, 64)
+    stream_left_context_tokens: int = Field(default=16, ge=1, le=200)
+    stream_prompt_tokens: int = Field(default=75, ge=0, le=500)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("stream_chunk_tokens", mode="before")
+    @classmethod
+    def _chunk_list(cls, value):
+        if isinstance(value, str):
+            try:
+                value = tuple(int(v) for v in value.replace(" ", "").split(",") if v)
+            except ValueError:
+                raise ValueError("must be comma-separated whole numbers, e.g. 8,16,32,64") from None
+        if not value or any(v < 1 or v > 500 for v in value):
+            raise ValueError("needs 1 to 500 tokens per chunk")
+        return tuple(value)
 
     @property
     def s3_configured(self) -> bool:

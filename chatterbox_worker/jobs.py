@@ -9,6 +9,8 @@ item; no exception escapes to the SDK.
 from __future__ import annotations
 
 import base64
+import contextlib
+import itertools
 import logging
 import platform
 import secrets
@@ -16,11 +18,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
+import numpy as np
+
 
 from . import __version__
-from .audio import encode_audio
+from .audio import Resampler, bytes_per_second, encode_audio, new_encoder
 from .config import Settings
-from .engine import Engine, SamplingParams, SynthesisRequest
+from .engine import Engine, SamplingParams, StreamSchedule, SynthesisRequest
 from .errors import InternalError, InvalidInput, OutputTooLarge, StorageUnavailable, WorkerError
 from .schemas import GenerateRequest, HealthRequest, parse_request
 from .voices import VoiceStore
@@ -62,6 +66,10 @@ class JobRunner:
         self.engine = engine
         self.voices = voices
         self.progress = progress
+        self.schedule = StreamSchedule(
+            chunk_tokens=settings.stream_chunk_tokens,
+            left_context_tokens=settings.stream_left_context_tokens,
+            prompt_tokens=settings.stream_prompt_tokens or None)
 
     def run(self, job: dict) -> Iterator[dict]:
         """Yield the items of one job; the last one is its result or its error."""
@@ -108,8 +116,6 @@ class JobRunner:
         if request.language != "en":
             raise InvalidInput(f"language '{request.language}' needs the multilingual model; "
                                f"this worker serves the {self.engine.model.variant} model (en only)")
-        if request.stream:
-            raise InvalidInput("stream: true is not available in this build yet; use stream: false")
         if request.output == "s3":
             raise StorageUnavailable("output 's3' needs S3 storage, which this worker does not "
                                      "have configured (set BUCKET_ENDPOINT_URL, "
@@ -123,6 +129,9 @@ class JobRunner:
                                     cfg_weight=float(request.cfg_weight), top_p=float(request.top_p),
                                     min_p=float(request.min_p),
                                     repetition_penalty=float(request.repetition_penalty)))
+        if request.stream:
+            yield from self._stream(request, synth_request, summary)
+            return
         progress = None
         if self.progress is not None:
             def progress(done: int, total: int) -> None:
@@ -148,6 +157,53 @@ class JobRunner:
             "timings": timings(ttfa_s=total_s, total_s=total_s, duration_s=duration),
         }
 
+    def _stream(self, request: GenerateRequest, synth_request: SynthesisRequest,
+                summary: JobSummary) -> Iterator[dict]:
+        """Chunk items as audio is made, then the result item (API.md, stream: true)."""
+        estimate = estimated_stream_bytes(request.text, request.format, request.sample_rate)
+        limit = self.settings.aggregate_max_bytes
+        if estimate > limit:
+            raise OutputTooLarge(
+                f"about {estimate} bytes of streamed {request.format} expected, above "
+                f"AGGREGATE_MAX_BYTES ({limit}); use format 'opus' or 'mp3', or shorter text")
+        started = time.perf_counter()
+        first_chunk_s: Optional[float] = None
+        resampler = Resampler(self.engine.sample_rate, request.sample_rate)
+        encoder = new_encoder(request.format, request.sample_rate)
+        sent = samples = index = 0
+        with contextlib.closing(self.engine.stream(synth_request, schedule=self.schedule)) as chunks:
+            for audio in itertools.chain(chunks, [None]):
+                if audio is None:  # end of take: what the resampler and encoder still hold
+                    tail = resampler.process(np.zeros(0, dtype=np.float32), last=True)
+                    data = encoder.encode(tail) + encoder.flush()
+                    samples += len(tail)
+                else:
+                    resampled = resampler.process(audio)
+                    samples += len(resampled)
+                    data = encoder.encode(resampled)
+                for part in split_bytes(data, MAX_CHUNK_BYTES):
+                    item = {"type": "chunk", "index": index, "format": request.format,
+                            "sample_rate": request.sample_rate,
+                            "audio_base64": base64.b64encode(part).decode("ascii")}
+                    sent += len(item["audio_base64"]) + 100
+                    if sent > limit:
+                        raise OutputTooLarge(
+                            f"the streamed audio outgrew AGGREGATE_MAX_BYTES ({limit}) after "
+                            f"{samples / request.sample_rate:.1f} s; use format 'opus' or 'mp3', "
+                            f"or shorter text")
+                    if first_chunk_s is None:
+                        first_chunk_s = time.perf_counter() - started
+                    index += 1
+                    yield item
+        total_s = time.perf_counter() - started
+        duration = samples / request.sample_rate
+        summary.audio_s, summary.ttfa_s = duration, first_chunk_s
+        yield {"type": "result", "format": request.format, "sample_rate": request.sample_rate,
+               "duration_s": round(duration, 3), "chunks": index, "voice_id": request.voice_id,
+               "seed": synth_request.seed,
+               "timings": timings(ttfa_s=first_chunk_s or total_s, total_s=total_s,
+                                  duration_s=duration)}
+
     # -- health -------------------------------------------------------------
 
     def health(self) -> dict:
@@ -168,6 +224,24 @@ class JobRunner:
                          "torch": torch.__version__, "runpod": runpod.__version__,
                          "python": platform.python_version()},
         }
+
+
+# Raw audio bytes per chunk item: base64 makes 4/3 of it, well under the 1 MB
+# at which RunPod silently drops a stream item.
+MAX_CHUNK_BYTES = 512 * 1024
+# Speaking rate assumed when estimating a streamed job's size before it starts.
+ESTIMATE_CHARS_PER_SECOND = 12.0
+
+
+def estimated_stream_bytes(text: str, fmt: str, sample_rate: int) -> int:
+    """Expected size of a streamed job's collected items (base64 audio plus item overhead)."""
+    seconds = len(text) / ESTIMATE_CHARS_PER_SECOND + 1.0
+    audio = seconds * bytes_per_second(fmt, sample_rate)
+    return int(audio * 4 / 3 + 200 * (seconds + 4))
+
+
+def split_bytes(data: bytes, size: int):
+    return [data[i:i + size] for i in range(0, len(data), size)]
 
 
 def timings(*, ttfa_s: float, total_s: float, duration_s: float) -> dict:

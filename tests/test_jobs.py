@@ -124,3 +124,67 @@ def test_health_reports_model_storage_and_versions(runner, engine, tmp_path):
     blocked.write_text("not a directory")
     item = only(run(runner(VOICES_DIR=str(blocked)), {"action": "health"}))
     assert item["status"] == "degraded" and "not a directory" in item["storage"]["voices"]
+
+
+def decode_any(data: bytes) -> float:
+    """Seconds of audio in a complete file, as FFmpeg decodes it."""
+    import av
+
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.audio[0]
+        samples = sum(frame.samples for frame in container.decode(stream))
+        return samples / stream.codec_context.sample_rate
+
+
+@pytest.mark.parametrize("fmt,rate", [("wav", 24000), ("opus", 48000), ("mp3", 16000)])
+def test_stream_yields_chunks_then_a_result(runner, fmt, rate):
+    items = run(runner(), {"text": "Hello there, streaming now.", "stream": True, "seed": 4,
+                           "format": fmt, "sample_rate": rate})
+    chunks, result = items[:-1], items[-1]
+    assert len(chunks) >= 3
+    assert [c["index"] for c in chunks] == list(range(len(chunks)))
+    assert all(c["type"] == "chunk" and c["format"] == fmt and c["sample_rate"] == rate
+               for c in chunks)
+    import json
+
+    assert max(len(json.dumps(c)) for c in chunks) < 1_000_000
+    assert result["type"] == "result" and "audio_base64" not in result and "audio_url" not in result
+    assert result["chunks"] == len(chunks) and result["seed"] == 4
+    assert result["timings"]["ttfa_s"] <= result["timings"]["total_s"]
+    data = b"".join(base64.b64decode(c["audio_base64"]) for c in chunks)
+    # MP3 decoders add the encoder's delay and last-frame padding (up to ~0.15 s).
+    assert decode_any(data) == pytest.approx(result["duration_s"], abs=0.15 if fmt == "mp3" else 0.01)
+
+
+def test_stream_and_one_shot_have_the_same_length(runner):
+    r = runner()
+    job = {"text": "Same take either way.", "seed": 8, "format": "pcm_s16le"}
+    whole = only(run(r, job))
+    streamed = run(r, {**job, "stream": True})
+    pcm = b"".join(base64.b64decode(c["audio_base64"]) for c in streamed[:-1])
+    assert len(pcm) == len(base64.b64decode(whole["audio_base64"]))
+
+
+def test_stream_too_large_is_refused_before_it_starts(runner):
+    error = only(run(runner(AGGREGATE_MAX_BYTES="20000"),
+                     {"text": "A long text. " * 40, "stream": True}))["error"]
+    assert error.startswith("output_too_large:") and "opus" in error
+
+
+def test_stream_that_outgrows_the_limit_ends_with_the_error(runner):
+    # The estimate assumes 12 characters a second; a random model speaks to its
+    # token budget (7 a second), so its audio outgrows an estimate that fitted.
+    text = "A sentence of about one hundred characters, which the estimate expects to be short."
+    items = run(runner(AGGREGATE_MAX_BYTES="600000"), {"text": text, "stream": True, "seed": 1})
+    assert items[-1]["error"].startswith("output_too_large: the streamed audio outgrew")
+    assert all(i.get("type") == "chunk" for i in items[:-1]) and len(items) > 1
+
+
+def test_a_closed_stream_cancels_the_job_and_frees_the_worker(runner, caplog):
+    caplog.set_level("INFO", logger="chatterbox_worker.jobs")
+    r = runner()
+    job = r.run({"id": "gone", "input": {"text": "A long narration. " * 10, "stream": True}})
+    assert next(job)["type"] == "chunk"
+    job.close()
+    assert any("job=gone" in m and "outcome=cancelled" in m for m in caplog.messages)
+    assert only(run(r, {"text": "Next.", "seed": 1}))["type"] == "result"

@@ -14,6 +14,7 @@ from .architecture import default_device
 from .quiet import filter_third_party_warnings
 from .decode import SamplingParams
 from .synthesis import Cancelled, Engine, Synthesis, SynthesisRequest
+from .vocoder import StreamSchedule
 from .weights import locate_weights
 
 log = logging.getLogger(__name__)
@@ -42,4 +43,5 @@ def load_engine(settings: Settings) -> Engine:
     return engine
 
 
-__all__ = ["Cancelled", "Engine", "SamplingParams", "Synthesis", "SynthesisRequest", "load_engine"]
+__all__ = ["Cancelled", "Engine", "SamplingParams", "StreamSchedule", "Synthesis", "SynthesisRequest",
+           "load_engine"]

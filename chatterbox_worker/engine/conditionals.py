@@ -99,6 +99,9 @@ def from_upstream(conds) -> VoiceConditionals:
     """Our form of an upstream ``Conditionals`` (the checkpoint's built-in voice)."""
     gen = conds.gen
     prompt_token = gen["prompt_token"].long()
+    # Upstream keeps up to one extra mel frame when the reference was not a
+    # whole number of tokens long; keep exactly two frames per prompt token.
+    prompt_feat = gen["prompt_feat"][:, :2 * prompt_token.shape[1]]
     token_len = gen.get("prompt_token_len")
     if token_len is None:
         token_len = torch.tensor([prompt_token.shape[1]])
@@ -107,7 +110,7 @@ def from_upstream(conds) -> VoiceConditionals:
         cond_prompt_speech_tokens=torch.atleast_2d(conds.t3.cond_prompt_speech_tokens).long(),
         prompt_token=prompt_token,
         prompt_token_len=torch.as_tensor(token_len).long().reshape(1),
-        prompt_feat=gen["prompt_feat"].float(),
+        prompt_feat=prompt_feat.float(),
         embedding=gen["embedding"].float().reshape(1, -1),
     )
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from .conditionals import S3GEN_SR, VoiceConditionals, build_conditionals, from_
 from .decode import SamplingParams, decode_speech_tokens, text_tokens_for
 from .model import ChatterboxModel
 from .text import split_text, token_budget
-from .vocoder import Watermarker, speakable, vocode
+from .vocoder import StreamingVocoder, StreamSchedule, Watermarker, speakable, vocode_whole
 
 # Between pieces of long text: fades so no piece starts or ends on a click,
 # and a short pause where a sentence break would be anyway.
@@ -79,6 +79,37 @@ def join_pieces(pieces: Sequence[np.ndarray], sample_rate: int) -> np.ndarray:
     return np.concatenate(out).astype(np.float32)
 
 
+class _PieceEdges:
+    """The fades ``join_pieces`` puts on a piece's edges, applied chunk by chunk.
+
+    The fade-out needs the piece's last ``n`` samples, which are only known at
+    the end, so the last ``n`` samples seen are always held back."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.received = 0
+        self.held = np.zeros(0, dtype=np.float32)
+        self.ramp = np.sin(np.linspace(0, np.pi / 2, n, dtype=np.float32)) ** 2
+
+    def shape(self, audio: np.ndarray, last: bool) -> np.ndarray:
+        if not self.n:
+            return audio
+        audio = np.array(audio, dtype=np.float32)
+        if self.received < self.n:
+            k = min(self.n - self.received, len(audio))
+            audio[:k] *= self.ramp[self.received:self.received + k]
+        self.received += len(audio)
+        audio = np.concatenate([self.held, audio])
+        if last:
+            k = min(self.n, len(audio))
+            if k:
+                audio[len(audio) - k:] *= self.ramp[::-1][self.n - k:]
+            self.held = np.zeros(0, dtype=np.float32)
+            return audio
+        self.held = audio[-self.n:].copy()
+        return audio[:-self.n]
+
+
 class Engine:
     """The warm model and what it can do for one request at a time."""
 
@@ -130,7 +161,7 @@ class Engine:
                 tokens = speakable(tokens)
                 n_audio_tokens += len(tokens)
                 _, gen = request.voice.for_request(request.exaggeration)
-                audio.append(vocode(self.model, tokens, gen,
+                audio.append(vocode_whole(self.model, tokens, gen,
                                     seed=(request.seed + index) % SEED_MODULUS))
                 if progress is not None:
                     progress(index + 1, len(pieces))
@@ -138,6 +169,39 @@ class Engine:
         take = np.clip(take, -1.0, 1.0).astype(np.float32)
         return Synthesis(audio=take, sample_rate=self.sample_rate, pieces=len(pieces),
                          speech_tokens=n_tokens, audio_tokens=n_audio_tokens, total_s=time.perf_counter() - started)
+
+    def stream(self, request: SynthesisRequest, *, schedule: StreamSchedule = StreamSchedule(),
+               max_tokens: Optional[int] = None) -> Iterator[np.ndarray]:
+        """The take as float32 chunks at 24 kHz, each yielded as soon as it is vocoded.
+
+        Same tokens, pauses and fades as ``synthesize`` with the same seed.
+        Closing the iterator (a cancelled job) stops decoding at once.
+        """
+        pieces = split_text(request.text)
+        pause = np.zeros(int(PIECE_PAUSE_S * self.sample_rate), dtype=np.float32)
+        fade = int(PIECE_FADE_S * self.sample_rate) if len(pieces) > 1 else 0
+        with self._lock:
+            generator = self.new_generator(request.seed)
+            for index, piece in enumerate(pieces):
+                if index:
+                    yield pause
+                _, gen = request.voice.for_request(request.exaggeration)
+                vocoder = StreamingVocoder(self.model, gen, seed=(request.seed + index) % SEED_MODULUS,
+                                           schedule=schedule)
+                edges = _PieceEdges(fade)
+                tokens = self.speech_tokens(request, piece, generator, max_tokens)
+                try:
+                    for token in tokens:
+                        audio = vocoder.push([token])
+                        if audio is not None and audio.size:
+                            yield self._mark(edges.shape(audio, last=False))
+                finally:
+                    tokens.close()
+                yield self._mark(edges.shape(vocoder.finish(), last=True))
+
+    def _mark(self, audio: np.ndarray) -> np.ndarray:
+        marked = self.watermarker.apply(audio, self.sample_rate)
+        return np.clip(marked, -1.0, 1.0).astype(np.float32)
 
     def warm_up(self) -> Optional[float]:
         """One short synthesis so the first job pays no lazy initialisation; seconds taken."""

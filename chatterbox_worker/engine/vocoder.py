@@ -1,21 +1,37 @@
-"""Speech tokens -> 24 kHz audio with S3Gen, and the Perth watermark.
+"""Speech tokens -> 24 kHz audio with S3Gen, whole or in chunks, and the Perth watermark.
 
-One-shot vocoding runs upstream's ``S3Gen.inference`` on the whole token
-sequence, as ``ChatterboxTTS.generate`` does. S3Gen draws its flow-matching
-noise and its sine-source phases from torch's global generator, so each call
-runs inside ``fork_rng`` seeded from the request: the same seed gives the
-same audio, and no request disturbs the global generator for anyone else.
+``flow_mels`` is upstream's ``CausalMaskedDiffWithXvec.inference`` followed by
+``CausalConditionalCFM.forward`` (same encoder, same masks, same 10 cosine
+Euler steps with classifier-free guidance), except that the flow-matching
+noise is passed in instead of drawn inside. Given the noise upstream would
+draw, it returns upstream's mels (tested). Passing it in is what lets a
+streamed take and a one-shot take use the *same* noise: ``NoiseBank`` draws
+it frame by frame, so any span of frames is the same whichever call asks.
+
+One-shot vocoding (``vocode_whole``) runs the whole token sequence at once,
+as upstream does. ``StreamingVocoder`` vocodes growing prefixes in chunks:
+each chunk is recomputed with some left context and a shorter voice prompt
+(the prompt's mel frames are re-processed at every flow step, the dominant
+cost on a CPU), the last tokens wait for S3Gen's 3-token look-ahead, HiFT's
+sine source is carried over, and seams are crossfaded.
 """
 
 from __future__ import annotations
 
 import contextlib
 import sys
+from dataclasses import dataclass
+from typing import List, Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 SPEECH_VOCAB_SIZE = 6561  # ids at or above this are special (start/stop/unused)
+SAMPLES_PER_TOKEN = 960  # 25 tokens/s at 24 kHz; 2 mel frames of 480 samples each
+MELS_PER_TOKEN = 2
+LOOKAHEAD_TOKENS = 3  # S3Gen's pre-lookahead layer reads 3 tokens ahead
+FLOW_STEPS = 10
 
 
 def speakable(tokens) -> torch.Tensor:
@@ -26,26 +42,209 @@ def speakable(tokens) -> torch.Tensor:
 
 @contextlib.contextmanager
 def seeded(seed: int, device: str):
+    """Run with torch's global generator seeded, and restore it afterwards.
+
+    HiFT's sine source draws its phases from the global generator."""
     devices = [torch.device(device).index or 0] if str(device).startswith("cuda") else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+        torch.manual_seed(seed % 2**63)
         yield
 
 
+class NoiseBank:
+    """Flow-matching noise for one piece: the prompt's frames, then speech frames drawn in order.
+
+    Frames are drawn time-major from the piece's own generator, so frame k has
+    the same noise whether a call covers frames 0..k+1 or k-10..k+40.
+    """
+
+    BLOCK = 256
+
+    def __init__(self, seed: int, prompt_frames: int):
+        self._generator = torch.Generator().manual_seed(seed % 2**63)
+        self.prompt = torch.randn(prompt_frames, 80, generator=self._generator).T.unsqueeze(0)
+        self._frames = torch.empty(0, 80)
+
+    def speech(self, start: int, end: int) -> torch.Tensor:
+        while self._frames.shape[0] < end:
+            block = torch.randn(self.BLOCK, 80, generator=self._generator)
+            self._frames = torch.cat([self._frames, block])
+        return self._frames[start:end].T.unsqueeze(0)
+
+    def for_span(self, prompt_frames: int, start: int, end: int) -> torch.Tensor:
+        """(1, 80, prompt_frames + end - start): the last prompt frames, then speech frames."""
+        prompt = self.prompt[:, :, self.prompt.shape[2] - prompt_frames:]
+        return torch.cat([prompt, self.speech(start, end)], dim=2)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """What S3Gen imitates: prompt tokens, their mel frames, the speaker x-vector."""
+
+    tokens: torch.Tensor  # (1, P) long
+    feat: torch.Tensor  # (1, 2P, 80)
+    embedding: torch.Tensor  # (1, 192)
+
+    @classmethod
+    def from_gen(cls, gen: dict) -> "Prompt":
+        tokens = gen["prompt_token"]
+        return cls(tokens=tokens, feat=gen["prompt_feat"][:, :tokens.shape[1] * MELS_PER_TOKEN],
+                   embedding=gen["embedding"])
+
+    def last(self, n_tokens: Optional[int]) -> "Prompt":
+        if n_tokens is None or n_tokens >= self.tokens.shape[1]:
+            return self
+        return Prompt(tokens=self.tokens[:, -n_tokens:],
+                      feat=self.feat[:, -n_tokens * MELS_PER_TOKEN:], embedding=self.embedding)
+
+
 @torch.inference_mode()
-def vocode(model, tokens: torch.Tensor, gen: dict, *, seed: int) -> np.ndarray:
-    """Float32 mono audio at 24 kHz for ``tokens`` spoken in the voice of ``gen``."""
-    tokens = speakable(tokens).to(model.device)
-    if tokens.numel() == 0:
+def flow_mels(model, tokens: torch.Tensor, prompt: Prompt, noise: torch.Tensor) -> torch.Tensor:
+    """Mel frames (1, 80, 2N) for ``tokens`` (1, N); ``noise`` covers prompt and speech frames."""
+    from chatterbox.models.s3gen.utils.mask import make_pad_mask
+
+    flow = model.s3gen.flow
+    device, dtype = tokens.device, model.s3gen.dtype
+    embedding = F.normalize(torch.atleast_2d(prompt.embedding.to(device, dtype)), dim=1)
+    embedding = flow.spk_embed_affine_layer(embedding)
+    all_tokens = torch.cat([prompt.tokens.to(device), tokens], dim=1)
+    lengths = torch.tensor([all_tokens.shape[1]], device=device)
+    mask = (~make_pad_mask(lengths)).unsqueeze(-1).to(embedding)
+    h, h_masks = flow.encoder(flow.input_embedding(all_tokens.long()) * mask, lengths)
+    h_lengths = h_masks.sum(dim=-1).squeeze(dim=-1)
+    prompt_frames = prompt.feat.shape[1]
+    h = flow.encoder_proj(h)
+    conds = torch.zeros([1, h.shape[1], flow.output_size], device=device, dtype=h.dtype)
+    conds[:, :prompt_frames] = prompt.feat.to(device, h.dtype)
+    mask = (~make_pad_mask(h_lengths)).unsqueeze(1).to(h)
+    t_span = torch.linspace(0, 1, FLOW_STEPS + 1, device=device, dtype=h.dtype)
+    t_span = 1 - torch.cos(t_span * 0.5 * torch.pi)  # upstream's cosine schedule
+    feat = flow.decoder.solve_euler(noise.to(device, h.dtype), t_span=t_span,
+                                    mu=h.transpose(1, 2).contiguous(), mask=mask, spks=embedding,
+                                    cond=conds.transpose(1, 2))
+    return feat[:, :, prompt_frames:]
+
+
+@torch.inference_mode()
+def hift(model, mels: torch.Tensor, cache_source: Optional[torch.Tensor] = None):
+    """HiFT vocoder: (audio (N,), source) for mels (1, 80, F)."""
+    s3gen = model.s3gen
+    if cache_source is None:
+        cache_source = torch.zeros(1, 1, 0, device=mels.device, dtype=s3gen.dtype)
+    wav, source = s3gen.mel2wav.inference(speech_feat=mels.to(s3gen.dtype), cache_source=cache_source)
+    return wav.squeeze(0), source
+
+
+def trim_start(model, audio: torch.Tensor) -> torch.Tensor:
+    """Upstream's fade-in over the first 40 ms, which hides the reference clip's spill-over."""
+    fade = model.s3gen.trim_fade
+    n = min(len(fade), audio.shape[0])
+    audio = audio.clone()
+    audio[:n] *= fade[:n].to(audio.dtype)
+    return audio
+
+
+def vocode_whole(model, tokens: torch.Tensor, gen: dict, *, seed: int) -> np.ndarray:
+    """One-shot: all tokens of a piece at once, as upstream's S3Gen.inference."""
+    tokens = speakable(tokens).to(model.device).unsqueeze(0)
+    if tokens.shape[1] == 0:
         return np.zeros(0, dtype=np.float32)
+    prompt = Prompt.from_gen(gen)
+    bank = NoiseBank(seed, prompt.feat.shape[1])
+    noise = bank.for_span(prompt.feat.shape[1], 0, tokens.shape[1] * MELS_PER_TOKEN)
     with seeded(seed, model.device):
-        # S3Gen casts the ref dict in place: give it a copy of the request's.
-        wav, _ = model.s3gen.inference(speech_tokens=tokens, ref_dict=dict(gen))
-    return wav.squeeze(0).detach().float().cpu().numpy()
+        mels = flow_mels(model, tokens, prompt, noise)
+        audio, _ = hift(model, mels)
+    return trim_start(model, audio).float().cpu().numpy()
+
+
+@dataclass(frozen=True)
+class StreamSchedule:
+    """How a streamed piece is cut: chunk sizes in tokens (the last repeats), context sizes."""
+
+    chunk_tokens: tuple = (8, 16, 32, 64)
+    left_context_tokens: int = 16
+    prompt_tokens: Optional[int] = 75  # last 3 s of the voice prompt; None = all of it
+    crossfade_samples: int = 960
+
+    def chunk_size(self, index: int) -> int:
+        return self.chunk_tokens[min(index, len(self.chunk_tokens) - 1)]
+
+
+class StreamingVocoder:
+    """Vocodes one piece's tokens as they arrive; ``push`` returns audio ready to play."""
+
+    def __init__(self, model, gen: dict, *, seed: int, schedule: StreamSchedule):
+        self.model = model
+        self.schedule = schedule
+        self.seed = seed
+        self.prompt = Prompt.from_gen(gen).last(schedule.prompt_tokens)
+        full_prompt_frames = Prompt.from_gen(gen).feat.shape[1]
+        self.noise = NoiseBank(seed, full_prompt_frames)
+        self.tokens: List[int] = []
+        self.emitted = 0  # tokens whose audio has gone out (but for the held-back tail)
+        self.chunks = 0
+        self.tail = np.zeros(0, dtype=np.float32)
+        self._source: Optional[torch.Tensor] = None
+        self._source_start = 0  # absolute sample where _source begins
+
+    def push(self, new_tokens) -> Optional[np.ndarray]:
+        """Add tokens; returns audio when the next chunk of the schedule is due, else None."""
+        self.tokens.extend(int(t) for t in speakable(new_tokens).tolist())
+        ready = len(self.tokens) - LOOKAHEAD_TOKENS
+        if ready - self.emitted >= self.schedule.chunk_size(self.chunks):
+            return self._vocode(ready, final=False)
+        return None
+
+    def finish(self) -> np.ndarray:
+        """The rest of the piece, tail included."""
+        if len(self.tokens) > self.emitted:
+            return self._vocode(len(self.tokens), final=True)
+        out, self.tail = self.tail, np.zeros(0, dtype=np.float32)
+        return out
+
+    def _vocode(self, end: int, final: bool) -> np.ndarray:
+        model, sched = self.model, self.schedule
+        start = max(0, self.emitted - sched.left_context_tokens)
+        available = len(self.tokens)
+        tokens = torch.tensor(self.tokens[start:available], device=model.device).unsqueeze(0)
+        noise = self.noise.for_span(self.prompt.feat.shape[1], start * MELS_PER_TOKEN,
+                                    available * MELS_PER_TOKEN)
+        with seeded(self.seed * 1000003 + self.chunks, model.device):
+            mels = flow_mels(model, tokens, self.prompt, noise)
+            cache = self._cached_source(start)
+            audio, source = hift(model, mels, cache)
+        self._source, self._source_start = source, start * SAMPLES_PER_TOKEN
+        if start == 0:
+            audio = trim_start(model, audio)
+        audio = audio.float().cpu().numpy()
+        base = start * SAMPLES_PER_TOKEN  # absolute sample of audio[0]
+        fade = len(self.tail)
+        begin = self.emitted * SAMPLES_PER_TOKEN - fade
+        stop = end * SAMPLES_PER_TOKEN - (0 if final else sched.crossfade_samples)
+        piece = audio[begin - base:stop - base].copy()
+        if fade:
+            ramp = np.sin(np.linspace(0, np.pi / 2, fade, dtype=np.float32)) ** 2
+            piece[:fade] = self.tail * (1 - ramp) + piece[:fade] * ramp
+        self.tail = (np.zeros(0, dtype=np.float32) if final
+                     else audio[stop - base:end * SAMPLES_PER_TOKEN - base].copy())
+        self.emitted = end
+        self.chunks += 1
+        return piece
+
+    def _cached_source(self, start: int) -> Optional[torch.Tensor]:
+        """The previous call's sine source over samples this call recomputes, for continuity."""
+        if self._source is None:
+            return None
+        begin = start * SAMPLES_PER_TOKEN - self._source_start
+        stop = self.emitted * SAMPLES_PER_TOKEN - self._source_start - len(self.tail)
+        if begin < 0 or stop <= begin:
+            return None
+        return self._source[:, :, begin:stop]
 
 
 class Watermarker:
-    """Upstream's Perth implicit watermark, applied to whole takes."""
+    """Upstream's Perth implicit watermark."""
 
     def __init__(self, enabled: bool):
         self.enabled = enabled

@@ -63,3 +63,31 @@ def test_invalid_request_gives_the_documented_error(worker):
 def test_health(worker):
     [item] = worker.post("/runsync", {"input": {"action": "health"}})["output"]
     assert item["status"] == "ok" and item["model"]["source"] == "model_dir"
+
+
+@pytest.mark.parametrize("fmt", ["wav", "pcm_s16le", "flac", "mp3", "opus"])
+def test_stream_in_every_format(worker, fmt):
+    import json
+
+    import av
+
+    queued = worker.post("/run", {"input": {"text": "Streaming over the dev API.", "seed": 6,
+                                            "stream": True, "format": fmt}})
+    streamed = worker.post(f"/stream/{queued['id']}")
+    assert streamed["status"] == "COMPLETED"
+    items = [entry["output"] for entry in streamed["stream"]]
+    chunks, result = items[:-1], items[-1]
+    assert chunks and all(c["type"] == "chunk" for c in chunks)
+    assert [c["index"] for c in chunks] == list(range(len(chunks)))
+    assert max(len(json.dumps(c)) for c in chunks) < 1_000_000
+    assert result["type"] == "result" and result["chunks"] == len(chunks)
+    data = b"".join(base64.b64decode(c["audio_base64"]) for c in chunks)
+    if fmt == "pcm_s16le":
+        seconds, rate = len(data) / 2 / 24000, 24000
+    else:
+        with av.open(io.BytesIO(data)) as container:
+            stream = container.streams.audio[0]
+            rate = stream.codec_context.sample_rate
+            seconds = sum(f.samples for f in container.decode(stream)) / rate
+    assert rate == (48000 if fmt == "opus" else 24000)
+    assert seconds == pytest.approx(result["duration_s"], abs=0.15 if fmt == "mp3" else 0.01)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from chatterbox_worker.engine.decode import SamplingParams, decode_speech_tokens, text_tokens_for
-from chatterbox_worker.engine.vocoder import speakable, vocode
+from chatterbox_worker.engine.vocoder import NoiseBank, Prompt, flow_mels, speakable, vocode_whole
 
 TEXT = "Hello there, this is a parity check."
 
@@ -58,13 +58,37 @@ def test_speech_tokens_equal_upstream(engine, params):
     assert ours == expected
 
 
-def test_vocoder_output_equals_upstream(engine):
+def test_flow_equals_upstream_for_the_same_noise(engine):
+    model = engine.model
+    tokens = speakable(our_tokens(engine, seed=3, params=SamplingParams(), n=60)).unsqueeze(0)
+    _, gen = engine.builtin_voice.for_request(0.5)
+    frames = 2 * (gen["prompt_token"].shape[1] + tokens.shape[1])
+    torch.manual_seed(5)
+    noise = torch.randn(1, 80, frames)  # what upstream's randn_like(mu) draws after this seed
+    ours = flow_mels(model, tokens, Prompt.from_gen(gen), noise)
+
+    torch.manual_seed(5)
+    reference, _ = model.s3gen.flow.inference(
+        token=tokens, token_len=torch.tensor([tokens.shape[1]]), finalize=True,
+        **copy.deepcopy(model.builtin_voice.gen))
+    assert ours.shape == reference.shape == (1, 80, 2 * tokens.shape[1])
+    assert (ours - reference).abs().max() < 1e-5
+
+
+def test_vocoder_output_equals_upstream(engine, monkeypatch):
+    """Whole chain, tokens -> watermark-free audio: our one-shot vocoder vs upstream's
+    S3Gen.inference, with upstream's noise draw replaced by the same noise ours uses."""
     model = engine.model
     tokens = speakable(our_tokens(engine, seed=3, params=SamplingParams(), n=80))
     _, gen = engine.builtin_voice.for_request(0.5)
-    ours = vocode(model, tokens, gen, seed=7)
+    ours = vocode_whole(model, tokens, gen, seed=7)
 
-    torch.manual_seed(7)
+    prompt_frames = gen["prompt_feat"].shape[1]
+    noise = NoiseBank(7, prompt_frames).for_span(prompt_frames, 0, 2 * len(tokens))
+    randn_like = torch.randn_like
+    monkeypatch.setattr(torch, "randn_like", lambda t, *a, **k: noise.clone()
+                        if t.shape == noise.shape else randn_like(t, *a, **k))
+    torch.manual_seed(7)  # HiFT's sine source draws from the global generator
     with torch.inference_mode():
         reference, _ = model.s3gen.inference(speech_tokens=tokens,
                                              ref_dict=copy.deepcopy(model.builtin_voice.gen))
