@@ -82,7 +82,7 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=250, help="speech tokens (25 = 1 s)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=Path("bench/results.json"))
-    parser.add_argument("--chunks", default="8,16,32,64")
+    parser.add_argument("--chunks", default=None, help="default: the worker's schedule")
     args = parser.parse_args()
     filter_third_party_warnings()
 
@@ -117,9 +117,12 @@ def main() -> int:
                                                   emotion_adv=t3_cond.emotion_adv), copy.deepcopy(gen)))
     tts.watermarker.apply_watermark = lambda wav, sample_rate: wav  # same work on both sides
     t3_inference = model.t3.inference
-    model.t3.inference = lambda **kw: t3_inference(**{**kw, "max_new_tokens": n})
+    cap = {"tokens": 10}
+    model.t3.inference = lambda **kw: t3_inference(**{**kw, "max_new_tokens": cap["tokens"]})
     with contextlib.redirect_stdout(sys.stderr):
         tts.generate("Warm up.")  # first-call costs out of the measurement
+        engine.synthesize(SynthesisRequest(text="Warm up.", voice=voice, seed=0), max_tokens=10)
+        cap["tokens"] = n
         torch.manual_seed(seed)
         sync(device)
         started = time.perf_counter()
@@ -130,7 +133,9 @@ def main() -> int:
 
     # --- ours -----------------------------------------------------------
     request = SynthesisRequest(text=TEXT, voice=voice, seed=seed, sampling=SamplingParams())
-    schedule = StreamSchedule(chunk_tokens=tuple(int(c) for c in args.chunks.split(",")))
+    schedule = StreamSchedule()
+    if args.chunks:
+        schedule = StreamSchedule(chunk_tokens=tuple(int(c) for c in args.chunks.split(",")))
     sync(device)
     started = time.perf_counter()
     one_shot = engine.synthesize(request, max_tokens=n)
@@ -149,7 +154,7 @@ def main() -> int:
 
     seconds = len(one_shot.audio) / 24000
     result = {
-        "machine": machine(), "device": device, "checkpoint": "random, released size",
+        "machine": machine(), "device": device, "checkpoint": "random, " + ("released size" if model.sizes.is_released else "shrunk (tiny)"),
         "speech_tokens": n, "audio_s": round(seconds, 2),
         "upstream_audio_s": round(len(upstream_audio) / 24000, 2),
         "schedule": {"chunk_tokens": schedule.chunk_tokens,

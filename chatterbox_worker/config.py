@@ -44,6 +44,7 @@ ENVIRONMENT = {
     "bucket_name": "BUCKET_NAME",
     "bucket_region": "BUCKET_REGION",
     "s3_url_ttl_s": "S3_URL_TTL_S",
+    "s3_key_prefix": "S3_KEY_PREFIX",
     "allow_private_urls": "ALLOW_PRIVATE_URLS",
     "max_concurrency": "MAX_CONCURRENCY",
     "stream_chunk_tokens": "STREAM_CHUNK_TOKENS",
@@ -82,14 +83,15 @@ class Settings(BaseModel):
     bucket_name: Optional[str] = None
     bucket_region: Optional[str] = None
     s3_url_ttl_s: int = Field(default=3600, ge=1, le=7 * 24 * 3600)
+    s3_key_prefix: str = Field(default="chatterbox", pattern=r"^[A-Za-z0-9._/-]{1,200}$")
     allow_private_urls: bool = False
     max_concurrency: Optional[int] = Field(default=None, ge=1, le=64)
     # Streaming schedule: tokens per chunk (25 tokens = 1 s; the last size
     # repeats), left context re-vocoded per chunk, and how much of the voice
     # prompt (in tokens, 0 = all) each chunk's flow decoder sees.
-    stream_chunk_tokens: Tuple[int, ...] = (8, 16, 32, 64)
+    stream_chunk_tokens: Tuple[int, ...] = (8, 32, 96, 200)
     stream_left_context_tokens: int = Field(default=16, ge=1, le=200)
-    stream_prompt_tokens: int = Field(default=75, ge=0, le=500)
+    stream_prompt_tokens: int = Field(default=50, ge=0, le=500)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("stream_chunk_tokens", mode="before")

@@ -22,11 +22,15 @@ import numpy as np
 
 
 from . import __version__
-from .audio import Resampler, bytes_per_second, encode_audio, new_encoder
+from .audio import (CONTENT_TYPES, EXTENSIONS, Resampler, bytes_per_second, encode_audio,
+                    new_encoder)
 from .config import Settings
 from .engine import Engine, SamplingParams, StreamSchedule, SynthesisRequest
 from .errors import InternalError, InvalidInput, OutputTooLarge, StorageUnavailable, WorkerError
-from .schemas import GenerateRequest, HealthRequest, parse_request
+from .schemas import (GenerateRequest, GetVoiceRequest, HealthRequest, ListVoicesRequest,
+                      UploadVoiceRequest, parse_request)
+from .storage import OutputStorage, S3Storage, output_key
+from .voice_library import VoiceLibrary
 from .voices import VoiceStore
 
 log = logging.getLogger("chatterbox_worker.jobs")
@@ -61,10 +65,13 @@ class JobRunner:
     """Runs jobs against one warm engine and one voice store."""
 
     def __init__(self, settings: Settings, engine: Engine, voices: VoiceStore, *,
+                 storage: Optional[OutputStorage] = None,
                  progress: Optional[ProgressCallback] = None):
         self.settings = settings
         self.engine = engine
         self.voices = voices
+        self.library = VoiceLibrary(engine, voices, allow_private_urls=settings.allow_private_urls)
+        self.storage = storage
         self.progress = progress
         self.schedule = StreamSchedule(
             chunk_tokens=settings.stream_chunk_tokens,
@@ -80,12 +87,19 @@ class JobRunner:
             request = parse_request(job.get("input") if isinstance(job, dict) else None,
                                     max_text_chars=self.settings.max_text_chars)
             summary.action = request.action
+            summary.voice = getattr(request, "voice_id", None) or "-"
             if isinstance(request, GenerateRequest):
                 yield from self._generate(job, request, summary)
             elif isinstance(request, HealthRequest):
                 yield self.health()
+            elif isinstance(request, UploadVoiceRequest):
+                yield self.library.upload(request)
+            elif isinstance(request, GetVoiceRequest):
+                yield self.library.get(request)
+            elif isinstance(request, ListVoicesRequest):
+                yield self.library.list()
             else:
-                raise InvalidInput(f"action '{request.action}' is not available in this build yet")
+                yield self.library.delete(request)
         except WorkerError as exc:
             summary.outcome = exc.code
             yield exc.as_item()
@@ -116,10 +130,8 @@ class JobRunner:
         if request.language != "en":
             raise InvalidInput(f"language '{request.language}' needs the multilingual model; "
                                f"this worker serves the {self.engine.model.variant} model (en only)")
-        if request.output == "s3":
-            raise StorageUnavailable("output 's3' needs S3 storage, which this worker does not "
-                                     "have configured (set BUCKET_ENDPOINT_URL, "
-                                     "BUCKET_ACCESS_KEY_ID, BUCKET_SECRET_ACCESS_KEY, BUCKET_NAME)")
+        if request.output == "s3" and self.storage is None:
+            raise StorageUnavailable(NO_S3)
         summary.voice = request.voice_id or "builtin"
         voice = self._voice(request)
         seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
@@ -130,7 +142,7 @@ class JobRunner:
                                     min_p=float(request.min_p),
                                     repetition_penalty=float(request.repetition_penalty)))
         if request.stream:
-            yield from self._stream(request, synth_request, summary)
+            yield from self._stream(job, request, synth_request, summary)
             return
         progress = None
         if self.progress is not None:
@@ -144,20 +156,30 @@ class JobRunner:
         total_s = time.perf_counter() - started
         duration = synthesis.duration_s
         summary.audio_s, summary.ttfa_s = duration, total_s
-        if len(audio) > self.settings.inline_max_bytes:
+        item = {"type": "result", "format": request.format, "sample_rate": request.sample_rate,
+                "duration_s": round(duration, 3)}
+        fits = len(audio) <= self.settings.inline_max_bytes
+        if request.output == "s3" or (request.output == "auto" and not fits and self.storage):
+            item["audio_url"] = self._upload(job, request.format, audio)
+        elif fits:
+            item["audio_base64"] = base64.b64encode(audio).decode("ascii")
+        else:
             raise OutputTooLarge(
                 f"the audio is {len(audio)} bytes, above INLINE_MAX_BYTES "
                 f"({self.settings.inline_max_bytes}); use format 'opus' or 'mp3', shorter text, "
-                f"or configure S3 output")
-        yield {
-            "type": "result", "format": request.format, "sample_rate": request.sample_rate,
-            "duration_s": round(duration, 3),
-            "audio_base64": base64.b64encode(audio).decode("ascii"),
-            "voice_id": request.voice_id, "seed": seed,
-            "timings": timings(ttfa_s=total_s, total_s=total_s, duration_s=duration),
-        }
+                f"or output 's3'" + ("" if self.storage else " with S3 configured"))
+        total_s = time.perf_counter() - started
+        item.update({"voice_id": request.voice_id, "seed": seed,
+                     "timings": timings(ttfa_s=total_s, total_s=total_s, duration_s=duration)})
+        yield item
 
-    def _stream(self, request: GenerateRequest, synth_request: SynthesisRequest,
+    def _upload(self, job: dict, fmt: str, audio: bytes) -> str:
+        """Put the whole take in the bucket; its presigned GET URL."""
+        key = output_key(self.settings.s3_key_prefix, str(job.get("id", "job")), EXTENSIONS[fmt])
+        self.storage.put(key, audio, CONTENT_TYPES[fmt])
+        return self.storage.presign(key)
+
+    def _stream(self, job: dict, request: GenerateRequest, synth_request: SynthesisRequest,
                 summary: JobSummary) -> Iterator[dict]:
         """Chunk items as audio is made, then the result item (API.md, stream: true)."""
         estimate = estimated_stream_bytes(request.text, request.format, request.sample_rate)
@@ -171,6 +193,8 @@ class JobRunner:
         resampler = Resampler(self.engine.sample_rate, request.sample_rate)
         encoder = new_encoder(request.format, request.sample_rate)
         sent = samples = index = 0
+        # output 's3': the whole file also goes to the bucket once the take is done.
+        whole = bytearray() if request.output == "s3" else None
         with contextlib.closing(self.engine.stream(synth_request, schedule=self.schedule)) as chunks:
             for audio in itertools.chain(chunks, [None]):
                 if audio is None:  # end of take: what the resampler and encoder still hold
@@ -181,6 +205,8 @@ class JobRunner:
                     resampled = resampler.process(audio)
                     samples += len(resampled)
                     data = encoder.encode(resampled)
+                if whole is not None:
+                    whole += data
                 for part in split_bytes(data, MAX_CHUNK_BYTES):
                     item = {"type": "chunk", "index": index, "format": request.format,
                             "sample_rate": request.sample_rate,
@@ -195,14 +221,17 @@ class JobRunner:
                         first_chunk_s = time.perf_counter() - started
                     index += 1
                     yield item
-        total_s = time.perf_counter() - started
         duration = samples / request.sample_rate
         summary.audio_s, summary.ttfa_s = duration, first_chunk_s
-        yield {"type": "result", "format": request.format, "sample_rate": request.sample_rate,
-               "duration_s": round(duration, 3), "chunks": index, "voice_id": request.voice_id,
-               "seed": synth_request.seed,
-               "timings": timings(ttfa_s=first_chunk_s or total_s, total_s=total_s,
-                                  duration_s=duration)}
+        item = {"type": "result", "format": request.format, "sample_rate": request.sample_rate,
+                "duration_s": round(duration, 3), "chunks": index}
+        if whole is not None:
+            item["audio_url"] = self._upload(job, request.format, bytes(whole))
+        total_s = time.perf_counter() - started
+        item.update({"voice_id": request.voice_id, "seed": synth_request.seed,
+                     "timings": timings(ttfa_s=first_chunk_s or total_s, total_s=total_s,
+                                        duration_s=duration)})
+        yield item
 
     # -- health -------------------------------------------------------------
 
@@ -211,8 +240,8 @@ class JobRunner:
         import torch
 
         voices_status = self.voices.status()
-        s3_status = "not configured"
-        degraded = voices_status != "ok"
+        s3_status = "not configured" if self.storage is None else self.storage.status()
+        degraded = voices_status != "ok" or s3_status not in ("ok", "not configured")
         return {
             "status": "degraded" if degraded else "ok",
             "model": self.engine.model.describe(),
@@ -225,6 +254,9 @@ class JobRunner:
                          "python": platform.python_version()},
         }
 
+
+NO_S3 = ("output 's3' needs S3 storage, which this worker does not have configured (set "
+         "BUCKET_ENDPOINT_URL, BUCKET_ACCESS_KEY_ID, BUCKET_SECRET_ACCESS_KEY, BUCKET_NAME)")
 
 # Raw audio bytes per chunk item: base64 makes 4/3 of it, well under the 1 MB
 # at which RunPod silently drops a stream item.
@@ -276,4 +308,9 @@ def create_runner(settings: Settings, *, progress: Optional[ProgressCallback] = 
     if status != "ok":
         # Not fatal: generate with the built-in voice still works; health says why.
         log.warning("voice storage unusable: %s", status)
-    return JobRunner(settings, engine, voices, progress=progress)
+    storage = S3Storage.from_settings(settings)
+    if storage is not None:
+        s3_status = storage.status()
+        if s3_status != "ok":
+            log.warning("S3 output unusable: %s", s3_status)
+    return JobRunner(settings, engine, voices, storage=storage, progress=progress)

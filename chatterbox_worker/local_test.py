@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterable, List, Optional
 
-EXTENSIONS = {"wav": "wav", "pcm_s16le": "pcm", "flac": "flac", "mp3": "mp3", "opus": "opus"}
+from .audio import EXTENSIONS
 
 
 def read_job(argv: List[str], default_file: Path) -> dict:
@@ -50,7 +50,9 @@ def run_job(handler: Callable[[dict], Iterable[dict]], job: dict, output_dir: Pa
     audio = base64.b64decode(result["audio_base64"]) if "audio_base64" in result else b"".join(chunks)
     shown = {k: v for k, v in result.items() if k not in ("audio_base64", "voice_base64")}
     print(json.dumps(shown), file=sys.stderr)
-    if audio:
+    if "audio_url" in result and not audio:
+        print(result["audio_url"], file=out)  # the audio went to S3
+    elif audio:
         output_dir.mkdir(parents=True, exist_ok=True)
         path = output_dir / f"{job['id']}.{EXTENSIONS.get(result.get('format'), 'bin')}"
         path.write_bytes(audio)

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
+import os
+import tempfile
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -26,8 +29,10 @@ import numpy as np
 import torch
 
 from .engine.conditionals import VoiceConditionals, check_tensors
-from .errors import InvalidVoiceFile, StorageUnavailable, VoiceNotFound
+from .errors import InvalidVoiceFile, StorageUnavailable, VoiceExists, VoiceNotFound
 from .schemas import VOICE_ID_RE
+
+log = logging.getLogger(__name__)
 
 FILE_FORMAT = "chatterbox-worker-voice"
 FILE_VERSION = 1
@@ -53,6 +58,20 @@ class StoredVoice:
         return {"voice_id": self.voice_id, "created_at": self.created_at,
                 "reference_s": round(self.reference_s, 3), "model": self.model,
                 "size_bytes": self.size_bytes}
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename or unlink durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def voice_file_bytes(voice_id: str, conditionals: VoiceConditionals, *, model: str, variant: str,
@@ -133,8 +152,6 @@ class VoiceStore:
 
     def status(self) -> str:
         """'ok', or why voices cannot be stored here."""
-        import os
-
         if not self.directory.exists():
             parent = self.directory.parent
             if parent.is_dir() and os.access(parent, os.W_OK):
@@ -155,20 +172,23 @@ class VoiceStore:
         except OSError as exc:
             raise StorageUnavailable(f"cannot read voice '{voice_id}': {exc.strerror}") from None
 
-    def load(self, voice_id: str) -> StoredVoice:
-        """The voice as stored now; ``VoiceNotFound`` or ``InvalidVoiceFile`` otherwise."""
-        data = self._read(voice_id)
+    def _parse_cached(self, data: bytes) -> StoredVoice:
         digest = hashlib.sha256(data).hexdigest()
         with self._lock:
             cached = self._cache.get(digest)
             if cached is not None:
                 self._cache.move_to_end(digest)
-        if cached is None:
-            cached = parse_voice_file(data, device=self.device)
-            with self._lock:
-                self._cache[digest] = cached
-                while len(self._cache) > self.cache_size:
-                    self._cache.popitem(last=False)
+                return cached
+        parsed = parse_voice_file(data, device=self.device)
+        with self._lock:
+            self._cache[digest] = parsed
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return parsed
+
+    def load(self, voice_id: str) -> StoredVoice:
+        """The voice as stored now; ``VoiceNotFound`` or ``InvalidVoiceFile`` otherwise."""
+        cached = self._parse_cached(self._read(voice_id))
         if cached.voice_id != voice_id:
             raise InvalidVoiceFile(f"file {voice_id}.pth holds voice '{cached.voice_id}'")
         if cached.model != self.model_signature:
@@ -177,6 +197,75 @@ class VoiceStore:
                 f"{self.model_signature}. Export it and upload it again with voice_base64 and "
                 f"rebuild: true to remake it for this model")
         return cached
+
+    def save(self, voice_id: str, data: bytes, *, overwrite: bool) -> None:
+        """Write a voice file atomically: readers see the old file or the new one, never a mix.
+
+        The bytes go to a temporary file in the same directory, are flushed to
+        disk, then renamed over the target (``overwrite``) or hard-linked to it,
+        which fails if another worker created the id first (no lost update).
+        """
+        path = self.path_for(voice_id)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{voice_id}.", suffix=".tmp", dir=self.directory)
+        except OSError as exc:
+            raise StorageUnavailable(f"cannot write to the voices directory: {exc.strerror}") from None
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp, 0o644)
+            if overwrite:
+                os.replace(tmp, path)
+            else:
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    raise VoiceExists(f"voice '{voice_id}' already exists; pass overwrite: true "
+                                      f"to replace it") from None
+            _fsync_directory(self.directory)
+        except OSError as exc:
+            raise StorageUnavailable(f"cannot write voice '{voice_id}': {exc.strerror}") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def delete(self, voice_id: str) -> None:
+        try:
+            self.path_for(voice_id).unlink()
+        except FileNotFoundError:
+            raise VoiceNotFound(voice_id) from None
+        except OSError as exc:
+            raise StorageUnavailable(f"cannot delete voice '{voice_id}': {exc.strerror}") from None
+        _fsync_directory(self.directory)
+
+    def exists(self, voice_id: str) -> bool:
+        return self.path_for(voice_id).exists()
+
+    def read_file(self, voice_id: str) -> bytes:
+        """The stored file's bytes (for export), checked like any load."""
+        data = self._read(voice_id)
+        parse_voice_file(data)
+        return data
+
+    def metadata(self, voice_id: str) -> dict:
+        """A voice's metadata; a voice for another model is listed, not refused."""
+        data = self._read(voice_id)
+        return self._parse_cached(data).metadata()
+
+    def list_metadata(self) -> List[dict]:
+        """Metadata of every readable voice, sorted by id; unreadable files are logged and skipped."""
+        out = []
+        for voice_id in self.voice_ids():
+            try:
+                out.append(self.metadata(voice_id))
+            except VoiceNotFound:
+                continue  # deleted while listing
+            except InvalidVoiceFile as exc:
+                log.warning("voice file %s.pth is unreadable: %s", voice_id, exc.message)
+        return out
 
     def voice_ids(self) -> List[str]:
         try:

@@ -144,12 +144,15 @@ def build_conditionals(model, clips_24k: Sequence[np.ndarray],
     ve_embeds = model.voice_encoder.embeds_from_wavs(clips_16k, sample_rate=S3_SR)
     speaker_emb = torch.from_numpy(np.asarray(ve_embeds)).mean(axis=0, keepdim=True).to(device)
 
-    token_len = ref["prompt_token_len"]
+    # Two mel frames per prompt token exactly: a reference that is not a whole
+    # number of 40 ms tokens leaves upstream one mel frame over.
+    prompt_token = ref["prompt_token"].long()
+    n_tokens = min(prompt_token.shape[1], ref["prompt_feat"].shape[1] // 2)
     return VoiceConditionals(
         speaker_emb=speaker_emb.float(),
         cond_prompt_speech_tokens=prompt_tokens.long(),
-        prompt_token=ref["prompt_token"].long(),
-        prompt_token_len=torch.as_tensor(token_len).long().reshape(1).to(device),
-        prompt_feat=ref["prompt_feat"].float(),
+        prompt_token=prompt_token[:, :n_tokens],
+        prompt_token_len=torch.tensor([n_tokens], dtype=torch.long, device=device),
+        prompt_feat=ref["prompt_feat"][:, :2 * n_tokens].float(),
         embedding=ref["embedding"].float().reshape(1, -1),
     )

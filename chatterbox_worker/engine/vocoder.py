@@ -162,9 +162,9 @@ def vocode_whole(model, tokens: torch.Tensor, gen: dict, *, seed: int) -> np.nda
 class StreamSchedule:
     """How a streamed piece is cut: chunk sizes in tokens (the last repeats), context sizes."""
 
-    chunk_tokens: tuple = (8, 16, 32, 64)
+    chunk_tokens: tuple = (8, 32, 96, 200)
     left_context_tokens: int = 16
-    prompt_tokens: Optional[int] = 75  # last 3 s of the voice prompt; None = all of it
+    prompt_tokens: Optional[int] = 50  # last 2 s of the voice prompt; None = all of it
     crossfade_samples: int = 960
 
     def chunk_size(self, index: int) -> int:

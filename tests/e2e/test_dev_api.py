@@ -91,3 +91,26 @@ def test_stream_in_every_format(worker, fmt):
             seconds = sum(f.samples for f in container.decode(stream)) / rate
     assert rate == (48000 if fmt == "opus" else 24000)
     assert seconds == pytest.approx(result["duration_s"], abs=0.15 if fmt == "mp3" else 0.01)
+
+
+def test_voice_life_cycle(worker):
+    from tests.speech import SENTENCES, speech_wav
+
+    def call(**job_input):
+        output = worker.post("/runsync", {"input": job_input})["output"]
+        assert len(output) == 1, output
+        return output[0]
+
+    audio = base64.b64encode(speech_wav(SENTENCES[1])).decode()
+    made = call(action="upload_voice", voice_id="e2e-voice", audio_base64=audio)
+    assert made["voice_id"] == "e2e-voice" and made["reference_s"] > 3
+    assert "e2e-voice" in [v["voice_id"] for v in call(action="list_voices")["voices"]]
+    assert call(action="get_voice", voice_id="e2e-voice")["model"] == made["model"]
+    exported = call(action="get_voice", voice_id="e2e-voice", export=True)["voice_base64"]
+    assert call(action="upload_voice", voice_id="e2e-copy", voice_base64=exported)["voice_id"] == "e2e-copy"
+    for voice in ("e2e-voice", "e2e-copy"):
+        assert call(text="Speaking with a stored voice.", voice_id=voice, seed=2)["type"] == "result"
+    assert call(action="delete_voice", voice_id="e2e-voice") == {"deleted": "e2e-voice"}
+    assert call(text="Again.", voice_id="e2e-voice") == {
+        "error": "voice_not_found: Voice 'e2e-voice' not found."}
+    assert call(text="The copy lives on.", voice_id="e2e-copy")["type"] == "result"

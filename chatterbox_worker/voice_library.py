@@ -1,0 +1,133 @@
+"""The voice actions of API.md: upload (from audio, a URL or an exported file), get, list, delete.
+
+Takes validated requests, returns result items; the voice files themselves are
+``voices.VoiceStore``'s, the reference audio ``reference``'s, the model work
+the engine's.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import List, Sequence
+
+import numpy as np
+
+from . import reference
+from .engine import Engine
+from .errors import InvalidAudio, InvalidInput, InvalidVoiceFile, VoiceExists
+from .fetch import fetch_audio
+from .schemas import DeleteVoiceRequest, GetVoiceRequest, UploadVoiceRequest
+from .voices import StoredVoice, VoiceStore, parse_voice_file, voice_file_bytes
+
+MAX_CLIPS = 10
+CLIP_GAP_S = 0.25  # silence between clips in the stored reference audio
+
+
+def _b64(value: str, what: str, error=InvalidAudio) -> bytes:
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise error(f"{what} is not valid base64") from None
+
+
+def _as_list(value) -> List[str]:
+    return [value] if isinstance(value, str) else list(value)
+
+
+def stored_reference(clips: Sequence[np.ndarray], first: int) -> np.ndarray:
+    """All cleaned clips in one array, the prompt clip first, for rebuilding the voice later."""
+    order = [first] + [i for i in range(len(clips)) if i != first]
+    gap = np.zeros(int(CLIP_GAP_S * reference.SAMPLE_RATE), dtype=np.float32)
+    parts = []
+    for n, i in enumerate(order):
+        if n:
+            parts.append(gap)
+        parts.append(clips[i])
+    return np.concatenate(parts)
+
+
+class VoiceLibrary:
+    def __init__(self, engine: Engine, store: VoiceStore, *, allow_private_urls: bool = False):
+        self.engine = engine
+        self.store = store
+        self.allow_private_urls = allow_private_urls
+
+    @property
+    def signature(self) -> str:
+        return self.engine.model.signature
+
+    def upload(self, request: UploadVoiceRequest) -> dict:
+        if not request.overwrite and self.store.exists(request.voice_id):
+            raise VoiceExists(f"voice '{request.voice_id}' already exists; pass overwrite: true "
+                              f"to replace it")
+        if request.voice_base64 is not None:
+            data = self._import(request)
+        else:
+            data = self._from_audio(request)
+        self.store.save(request.voice_id, data, overwrite=request.overwrite)
+        return self.store.metadata(request.voice_id)
+
+    def _from_audio(self, request: UploadVoiceRequest) -> bytes:
+        field = "audio_base64" if request.audio_base64 is not None else "audio_url"
+        sources = _as_list(getattr(request, field))
+        if len(sources) > MAX_CLIPS:
+            raise InvalidInput(f"at most {MAX_CLIPS} reference clips per voice")
+        labels = [f"{field}[{i}]" if len(sources) > 1 else field for i in range(len(sources))]
+        if field == "audio_base64":
+            raw = [_b64(s, label) for s, label in zip(sources, labels)]
+        else:
+            raw = [fetch_audio(url, max_bytes=reference.MAX_FILE_BYTES,
+                               allow_private=self.allow_private_urls) for url in sources]
+        clips = [reference.clean(reference.decode(data, label=label), label=label)
+                 for data, label in zip(raw, labels)]
+        first = reference.cleanest(clips)
+        audio = [c.audio for c in clips]
+        conditionals = self.engine.voice_from_clips(audio, prompt_clip=first)
+        return voice_file_bytes(request.voice_id, conditionals, model=self.signature,
+                                variant=self.engine.model.variant,
+                                reference_audio=stored_reference(audio, first),
+                                reference_sample_rate=reference.SAMPLE_RATE)
+
+    def _import(self, request: UploadVoiceRequest) -> bytes:
+        voice = parse_voice_file(_b64(request.voice_base64, "voice_base64", InvalidVoiceFile))
+        if voice.model == self.signature:
+            conditionals = voice.conditionals
+        elif request.rebuild:
+            conditionals = self.engine.voice_from_clips([self._reference_audio(voice)])
+        else:
+            raise InvalidVoiceFile(
+                f"this voice was made for model {voice.model}; this worker runs {self.signature}. "
+                f"Upload it again with rebuild: true to remake it from its reference audio")
+        return voice_file_bytes(request.voice_id, conditionals, model=self.signature,
+                                variant=self.engine.model.variant,
+                                reference_audio=self._reference_audio(voice),
+                                reference_sample_rate=reference.SAMPLE_RATE,
+                                created_at=None)
+
+    @staticmethod
+    def _reference_audio(voice: StoredVoice) -> np.ndarray:
+        audio = voice.reference_audio.numpy().astype(np.float32) / 32767.0
+        if voice.reference_sample_rate != reference.SAMPLE_RATE:
+            import librosa
+
+            audio = librosa.resample(audio, orig_sr=voice.reference_sample_rate,
+                                     target_sr=reference.SAMPLE_RATE)
+        if len(audio) < reference.MIN_SECONDS * reference.SAMPLE_RATE:
+            raise InvalidVoiceFile("the voice file's reference audio is too short to rebuild from")
+        return audio.astype(np.float32)
+
+    def get(self, request: GetVoiceRequest) -> dict:
+        if not request.export:
+            return self.store.metadata(request.voice_id)
+        data = self.store.read_file(request.voice_id)
+        item = parse_voice_file(data).metadata()
+        item["voice_base64"] = base64.b64encode(data).decode("ascii")
+        return item
+
+    def list(self) -> dict:
+        return {"voices": self.store.list_metadata()}
+
+    def delete(self, request: DeleteVoiceRequest) -> dict:
+        self.store.delete(request.voice_id)
+        return {"deleted": request.voice_id}
