@@ -109,7 +109,7 @@ class JobRunner:
         except Exception:  # the one place an unexpected failure becomes an item
             summary.outcome = "internal_error"
             log.exception("job=%s failed", job_id)
-            yield InternalError("synthesis failed unexpectedly; the worker logged the details "
+            yield InternalError("the job failed unexpectedly; the worker logged the details "
                                 "under this job id").as_item()
         finally:
             summary.total_s = time.perf_counter() - started
