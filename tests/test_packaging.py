@@ -89,3 +89,10 @@ def test_shipped_requests_validate_against_the_contract(source):
     inputs = [t["input"] for t in data["tests"]] if "tests" in data else [data["input"]]
     for job_input in inputs:
         parse_request(job_input, max_text_chars=5000)
+
+
+def test_readme_documents_every_environment_variable():
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Environment variables"):]
+    missing = [v for v in ENVIRONMENT.values() if f"`{v}`" not in table]
+    assert not missing, missing

@@ -6,21 +6,7 @@ import io
 import pytest
 import soundfile
 
-from tests.conftest import worker_env
-from tests.e2e.worker_process import DevApiWorker
-
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def worker(settings_env, tmp_path_factory):
-    env = worker_env(**settings_env)
-    process = DevApiWorker(env, tmp_path_factory.mktemp("worker") / "worker.log")
-    try:
-        process.wait_ready()
-        yield process
-    finally:
-        process.stop()
 
 
 def decode_wav(item):
