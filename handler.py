@@ -39,9 +39,14 @@ def _start():
 runner = _start()
 
 
-def handler(job):
-    """Generator handler: every yielded item is one streamed partial of the job."""
-    yield from runner.run(job)
+async def handler(job):
+    """Generator handler: every yielded item is one streamed partial of the job.
+
+    Async so that RunPod's cancel reaches the job between chunks and the
+    worker keeps answering pings while it synthesises (the work itself runs
+    in a thread)."""
+    async for item in runner.run_async(job):
+        yield item
 
 
 if __name__ == "__main__":
@@ -52,12 +57,12 @@ if __name__ == "__main__":
         from chatterbox_worker.local_test import read_job, run_job
 
         here = Path(__file__).resolve().parent
-        sys.exit(run_job(handler, read_job(sys.argv[1:], here / "test_input.json"), here / "output"))
+        sys.exit(run_job(runner.run, read_job(sys.argv[1:], here / "test_input.json"), here / "output"))
 
     import runpod
 
     runpod.serverless.start({
         "handler": handler,
         "return_aggregate_stream": True,
-        "concurrency_modifier": lambda current: runner.settings.concurrency(runner.engine.model.device),
+        "concurrency_modifier": lambda current: runner.settings.concurrency,
     })

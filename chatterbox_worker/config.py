@@ -111,7 +111,8 @@ class Settings(BaseModel):
         return bool(self.bucket_endpoint_url and self.bucket_access_key_id
                     and self.bucket_secret_access_key and self.bucket_name)
 
-    def concurrency(self, device: str) -> int:
+    @property
+    def concurrency(self) -> int:
         """Jobs one worker takes at once: the setting, else 1 (synthesis holds the model)."""
         return self.max_concurrency or 1
 

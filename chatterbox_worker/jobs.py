@@ -8,7 +8,9 @@ item; no exception escapes to the SDK.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import concurrent.futures
 import contextlib
 import itertools
 import logging
@@ -16,7 +18,7 @@ import platform
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import AsyncIterator, Callable, Iterator, Optional
 
 import numpy as np
 
@@ -36,6 +38,7 @@ from .voices import VoiceStore
 log = logging.getLogger("chatterbox_worker.jobs")
 
 ProgressCallback = Callable[[dict, dict], None]
+_END = object()  # end of a job's items
 
 
 @dataclass
@@ -73,6 +76,8 @@ class JobRunner:
         self.library = VoiceLibrary(engine, voices, allow_private_urls=settings.allow_private_urls)
         self.storage = storage
         self.progress = progress
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=settings.concurrency, thread_name_prefix="job")
         self.schedule = StreamSchedule(
             chunk_tokens=settings.stream_chunk_tokens,
             left_context_tokens=settings.stream_left_context_tokens,
@@ -114,6 +119,30 @@ class JobRunner:
         finally:
             summary.total_s = time.perf_counter() - started
             log.info(summary.line())
+
+    async def run_async(self, job: dict) -> AsyncIterator[dict]:
+        """``run`` for the SDK's event loop: each step runs in a worker thread.
+
+        The loop stays free for RunPod's pings and stop signals while audio is
+        made. When RunPod cancels the job (its task is cancelled at the await),
+        the step in progress is allowed to finish (at most one chunk) and the
+        job's generator is closed at once, which stops decoding and releases
+        the model, instead of waiting for the garbage collector.
+        """
+        items = self.run(job)
+        loop = asyncio.get_running_loop()
+        step: Optional[concurrent.futures.Future] = None
+        try:
+            while True:
+                step = self._executor.submit(next, items, _END)
+                item = await asyncio.wrap_future(step, loop=loop)
+                if item is _END:
+                    return
+                yield item
+        finally:
+            if step is not None and not step.done():
+                await loop.run_in_executor(None, concurrent.futures.wait, [step])
+            await loop.run_in_executor(None, items.close)
 
     # -- generate -----------------------------------------------------------
 

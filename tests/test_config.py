@@ -11,14 +11,14 @@ def test_defaults_follow_the_contract():
     assert s.s3_url_ttl_s == 3600
     assert s.watermark is True
     assert not s.s3_configured
-    assert s.concurrency("cpu") == 1
+    assert s.concurrency == 1
 
 
 def test_values_are_read_and_typed():
     s = load_settings({"MAX_TEXT_CHARS": "120", "CHATTERBOX_WATERMARK": "false",
                        "CHATTERBOX_DEVICE": "cpu", "VOICES_DIR": "/tmp/v", "MAX_CONCURRENCY": "3"})
     assert s.max_text_chars == 120 and s.watermark is False and s.device == "cpu"
-    assert str(s.voices_dir) == "/tmp/v" and s.concurrency("cpu") == 3
+    assert str(s.voices_dir) == "/tmp/v" and s.concurrency == 3
 
 
 @pytest.mark.parametrize("variable,value", [
