@@ -32,7 +32,8 @@ ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 \
     CHATTERBOX_BAKED_DIR=/opt/chatterbox/weights \
     HF_HOME=/tmp/hf-home NUMBA_CACHE_DIR=/tmp/numba-cache \
     HF_HUB_OFFLINE=${BAKE_WEIGHTS}
-RUN useradd --create-home --uid 1000 worker
+RUN useradd --create-home --uid 1000 worker \
+ && mkdir -p /app/voices && chown worker /app/voices
 COPY --from=builder /opt/venv /opt/venv
 COPY --from=builder /opt/chatterbox/weights /opt/chatterbox/weights
 WORKDIR /app

@@ -12,6 +12,7 @@ copied directory is skipped with a reason instead of failing mid-load.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
@@ -64,17 +65,29 @@ def _hub_cache_snapshot(cache_dir: Path, names: Sequence[str]) -> Optional[Path]
     return None
 
 
-def download_from_hub(variant: str) -> Path:
-    """Fetch the variant's files from the Hub; returns the local snapshot directory."""
+def download_from_hub(variant: str, cache_dir: Optional[Path] = None) -> Path:
+    """Fetch the variant's files from the Hub; returns the local snapshot directory.
+
+    With ``cache_dir`` (the network volume's Hugging Face cache, when it can be
+    written) the download lands where the next cold worker looks first."""
     from huggingface_hub import snapshot_download
 
     patterns = list(required_files(variant)) + list(OPTIONAL_FILES)
-    return Path(snapshot_download(repo_id=HUB_REPO, allow_patterns=patterns))
+    return Path(snapshot_download(repo_id=HUB_REPO, allow_patterns=patterns,
+                                  cache_dir=str(cache_dir) if cache_dir else None))
+
+
+def _writable_cache(cache_dir: Path) -> Optional[Path]:
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return cache_dir if os.access(cache_dir, os.W_OK) else None
 
 
 def locate_weights(variant: str, *, model_dir: Optional[Path], baked_dir: Path,
                    volume_hf_cache: Path,
-                   hub: Callable[[str], Path] = download_from_hub) -> WeightSource:
+                   hub: Optional[Callable[[str], Path]] = None) -> WeightSource:
     """Find the first usable weight source, or raise ``ConfigError`` naming all that were tried."""
     names = required_files(variant)
     tried = []
@@ -92,6 +105,11 @@ def locate_weights(variant: str, *, model_dir: Optional[Path], baked_dir: Path,
     if snapshot is not None:
         return WeightSource(snapshot, "volume_cache")
     tried.append(f"volume cache ({volume_hf_cache}): no complete {HUB_REPO} snapshot")
+    if hub is None:
+        # Download into the volume's cache when a volume is attached (its root,
+        # two levels up, exists) and writable: later cold workers find it there.
+        cache = _writable_cache(volume_hf_cache) if volume_hf_cache.parent.parent.is_dir() else None
+        hub = lambda v: download_from_hub(v, cache)  # noqa: E731
     try:
         directory = hub(variant)
     except Exception as exc:  # any Hub failure: offline, auth, rate limit

@@ -84,3 +84,16 @@ def test_unserved_variant_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="turbo"):
         locate_weights("turbo", model_dir=None, baked_dir=tmp_path, volume_hf_cache=tmp_path,
                        hub=no_hub)
+
+
+def test_the_real_hub_download_is_tried_last_into_the_volume_cache(tmp_path, monkeypatch):
+    # HF_HUB_OFFLINE=1 (set for every test): huggingface_hub refuses at once,
+    # which exercises the real download path without the network.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    volume = tmp_path / "runpod-volume"
+    volume.mkdir()
+    cache = volume / "huggingface-cache" / "hub"
+    with pytest.raises(ConfigError) as info:
+        locate_weights("original", model_dir=None, baked_dir=tmp_path / "baked", volume_hf_cache=cache)
+    assert "Hugging Face Hub (ResembleAI/chatterbox)" in str(info.value)
+    assert cache.is_dir()  # the download was pointed at the volume's cache
