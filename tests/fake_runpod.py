@@ -37,6 +37,7 @@ class Job:
         self.first_stream_at = None
         self.done_at = None
         self.stream_posts_after_cancel = 0
+        self.progress = []  # progress_update payloads, in order
 
 
 class FakeRunPod:
@@ -157,6 +158,8 @@ class FakeRunPod:
                             job.handed_out = len(job.stream)
                         elif job.status == "COMPLETED":
                             answer["output"] = job.output
+                        elif job.status == "IN_PROGRESS" and job.progress:
+                            answer["output"] = job.progress[-1]
                         if job.error is not None:
                             answer["error"] = job.error
                     return self._send(200, answer)
@@ -182,6 +185,9 @@ class FakeRunPod:
                     data = json.loads(body or b"{}")
                     with fake.lock:
                         job = fake.jobs[route[-1]]
+                        if data.get("status") == "IN_PROGRESS":  # runpod's progress_update
+                            job.progress.append(data.get("output"))
+                            return self._send(200, {})
                         job.done_at = time.monotonic()
                         if job.status != "CANCELLED":
                             if data.get("error"):

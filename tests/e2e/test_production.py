@@ -106,3 +106,13 @@ def test_cancel_stops_decoding(endpoint, platform):
     # Decoding stopped within a chunk: at most one more item reached the queue.
     assert state.stream_posts_after_cancel <= 1
     assert endpoint.run_sync({"action": "health"}, timeout=300)[0]["status"] == "ok"
+
+
+def test_long_one_shot_job_reports_progress(endpoint, platform):
+    text = " ".join(f"Sentence {i} of a narration long enough to be spoken in pieces." for i in range(10))
+    result = endpoint.run_sync({"text": text, "seed": 5, "format": "opus"}, timeout=600)
+    assert result[-1]["type"] == "result"
+    [job] = [j for j in platform.jobs.values() if j.input.get("text") == text]
+    total = job.progress[-1]["pieces_total"]
+    assert total >= 2
+    assert job.progress == [{"pieces_done": i, "pieces_total": total} for i in range(1, total + 1)]
