@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Optional
-
 import torch
 
 SIZES_FILE = "worker_model_sizes.json"
@@ -207,4 +205,4 @@ def default_device(requested: str = "auto") -> str:
 
 
 __all__ = ["ModelSizes", "TINY", "SIZES_FILE", "build_t3", "build_s3gen", "build_voice_encoder",
-           "state_dict_to_save", "default_device", "Optional"]
+           "state_dict_to_save", "default_device"]

@@ -9,7 +9,6 @@ passed in by each request, never stored here.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,4 +133,4 @@ def load_model(source: WeightSource, *, variant: str, device: str) -> Chatterbox
         signature=model_signature(variant, directory), source=source, sizes=sizes)
 
 
-__all__ = ["ChatterboxModel", "load_model", "model_signature", "json"]
+__all__ = ["ChatterboxModel", "load_model", "model_signature"]
