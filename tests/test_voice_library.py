@@ -56,9 +56,10 @@ def test_existing_id_needs_overwrite(runner):
     upload(runner, "taken")
     error = upload(runner, "taken", text=SENTENCES[1])["error"]
     assert error == "voice_exists: voice 'taken' already exists; pass overwrite: true to replace it"
-    before = job(runner, action="get_voice", voice_id="taken")
-    after = upload(runner, "taken", text=SENTENCES[1], overwrite=True)
-    assert after["reference_s"] != before["reference_s"]
+    before = job(runner, action="get_voice", voice_id="taken", export=True)["voice_base64"]
+    assert upload(runner, "taken", text=SENTENCES[1], overwrite=True)["voice_id"] == "taken"
+    after = job(runner, action="get_voice", voice_id="taken", export=True)["voice_base64"]
+    assert after != before  # replaced: other reference audio, other file
 
 
 def test_list_get_export_import_delete(runner):
