@@ -96,7 +96,7 @@ def locate_weights(variant: str, *, model_dir: Optional[Path], baked_dir: Path,
         if not missing:
             return WeightSource(Path(model_dir), "model_dir")
         # An explicit directory is the operator's choice: never fall back past it.
-        raise ConfigError(f"CHATTERBOX_MODEL_DIR={model_dir} is not a {variant} checkpoint: "
+        raise ConfigError(f"CHATTERBOX_MODEL_DIR={model_dir} is not a complete {variant!r} checkpoint: "
                           f"missing {', '.join(missing)}")
     if not _missing(baked_dir, names):
         return WeightSource(baked_dir, "baked")
