@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -45,6 +46,17 @@ def engine(settings_env):
 @pytest.fixture
 def model(engine):
     return engine.model
+
+
+def stop_process(process, timeout: float = 20.0) -> None:
+    """Terminate a server the tests started; kill it if it does not exit in time."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def worker_env(**extra) -> dict:

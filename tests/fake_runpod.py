@@ -79,10 +79,7 @@ class FakeRunPod:
 
     def take(self, wait_s=2.0):
         with self.lock:
-            deadline = time.monotonic() + wait_s
-            while not self.queue and time.monotonic() < deadline:
-                self.lock.wait(timeout=deadline - time.monotonic())
-            if not self.queue:
+            if not self.lock.wait_for(lambda: self.queue, timeout=wait_s):
                 return None
             job = self.queue.pop(0)
             job.status = "IN_PROGRESS"
@@ -90,9 +87,7 @@ class FakeRunPod:
 
     def stop_signals(self, wait_s=2.0):
         with self.lock:
-            deadline = time.monotonic() + wait_s
-            while not self.to_stop and time.monotonic() < deadline:
-                self.lock.wait(timeout=deadline - time.monotonic())
+            self.lock.wait_for(lambda: self.to_stop, timeout=wait_s)
             ids, self.to_stop = self.to_stop, []
             return ids
 

@@ -19,6 +19,8 @@ from pathlib import Path
 import boto3
 from botocore.config import Config
 
+from tests.conftest import stop_process
+
 ACCESS_KEY = "chatterbox-test-key"
 SECRET_KEY = "chatterbox-test-secret-0123456789"
 PORT_NAMES = ["master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
@@ -104,11 +106,5 @@ class S3Server:
                 "BUCKET_SECRET_ACCESS_KEY": SECRET_KEY, "BUCKET_NAME": bucket, **extra}
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, timeout=15)
         self._log.close()

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT, worker_env
+from tests.conftest import ROOT, stop_process, worker_env
 from tests.fake_runpod import ENDPOINT, FakeRunPod
 
 pytestmark = pytest.mark.e2e
@@ -34,11 +34,7 @@ def platform(settings_env, tmp_path_factory):
     try:
         yield fake
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop_process(process)
         log.close()
         fake.stop()
 

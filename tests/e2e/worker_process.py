@@ -10,6 +10,8 @@ from pathlib import Path
 
 import requests
 
+from tests.conftest import stop_process
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -54,10 +56,5 @@ class DevApiWorker:
         return response.json()
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process)
         self._log.close()
