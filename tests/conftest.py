@@ -19,6 +19,16 @@ os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="cbw-hf-"))
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def network_guard():
+    """No test reaches beyond loopback: any other connection or name lookup fails the test
+    before a packet leaves (tests/net_guard.py). Tests may request it to record attempts."""
+    from tests.net_guard import block_network
+
+    with block_network() as guard:
+        yield guard
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A random-weights checkpoint in the upstream layout (seed 0), shared by the session."""
