@@ -8,6 +8,7 @@ from chatterbox_worker.engine import SamplingParams, SynthesisRequest
 from chatterbox_worker.engine.synthesis import (PIECE_PAUSE_S, Engine, fade_edges, join_pieces)
 from chatterbox_worker.engine.decode import decode_speech_tokens, text_tokens_for
 from chatterbox_worker.engine.text import split_text, token_budget
+from chatterbox_worker.engine.vocoder import speakable, vocode_whole
 from chatterbox_worker.tiny_model import synthetic_reference
 
 SHORT = "Hello there."
@@ -24,6 +25,26 @@ def other_voice(engine):
     return engine.voice_from_clips([synthetic_reference(seconds=7, seed=5)])
 
 
+@pytest.fixture(scope="module")
+def third_voice(engine):
+    return engine.voice_from_clips([synthetic_reference(seconds=6, seed=11)])
+
+
+@pytest.fixture
+def tap(engine, plain_engine, monkeypatch):
+    """Records the speech tokens of every piece either engine decodes, in order."""
+    pieces = []
+    for eng in (engine, plain_engine):
+        def tapped(*args, _original=eng.speech_tokens, **kwargs):
+            tokens = []
+            pieces.append(tokens)
+            for token in _original(*args, **kwargs):
+                tokens.append(token)
+                yield token
+        monkeypatch.setattr(eng, "speech_tokens", tapped)
+    return pieces
+
+
 def say(engine, text=SHORT, seed=1, voice=None, **kw):
     sampling = SamplingParams(**{k: kw.pop(k) for k in list(kw) if k in SamplingParams.__dataclass_fields__})
     request = SynthesisRequest(text=text, voice=voice or engine.builtin_voice, seed=seed,
@@ -31,11 +52,17 @@ def say(engine, text=SHORT, seed=1, voice=None, **kw):
     return engine.synthesize(request)
 
 
-def test_same_seed_same_audio_other_seed_other_audio(engine):
+def test_same_seed_same_audio_other_seed_other_audio(engine, tap):
     a, b, c = say(engine, seed=7), say(engine, seed=7), say(engine, seed=8)
     assert a.audio.dtype == np.float32 and a.sample_rate == 24000
     assert np.array_equal(a.audio, b.audio)
     assert not np.array_equal(a.audio[:len(c.audio)], c.audio[:len(a.audio)])
+    # The seed decides what is said, not only how the vocoder renders it:
+    # T3 samples the same tokens for the same seed and other tokens for another.
+    tokens_a, tokens_b, tokens_c = tap
+    assert len(tokens_a) > 20
+    assert tokens_a == tokens_b
+    assert tokens_a != tokens_c
 
 
 def test_random_model_stops_at_its_token_budget(plain_engine):
@@ -85,6 +112,40 @@ def test_a_job_never_changes_what_the_next_job_hears(engine, other_voice):
     assert np.array_equal(before.audio, after.audio)
     for name, tensor in engine.builtin_voice.tensors().items():
         assert torch.equal(tensor, builtin_before[name]), name
+
+
+def fresh_take(engine, voice, seed):
+    """(tokens, audio) of SHORT in ``voice``, made outside the engine from the voice's own
+    tensors with new upstream objects: what no earlier job can have touched."""
+    from chatterbox.models.t3.modules.cond_enc import T3Cond
+
+    model = engine.model
+    t3_cond = T3Cond(speaker_emb=voice.speaker_emb.clone(),
+                     cond_prompt_speech_tokens=voice.cond_prompt_speech_tokens.clone(),
+                     emotion_adv=0.5 * torch.ones(1, 1, 1))
+    gen = {"prompt_token": voice.prompt_token.clone(), "prompt_token_len": voice.prompt_token_len.clone(),
+           "prompt_feat": voice.prompt_feat.clone(), "prompt_feat_len": None,
+           "embedding": voice.embedding.clone()}
+    tokens = list(decode_speech_tokens(model, t3_cond, text_tokens_for(model, SHORT), SamplingParams(),
+                                       max_new_tokens=token_budget(SHORT),
+                                       generator=torch.Generator().manual_seed(seed)))
+    audio = np.clip(vocode_whole(model, speakable(tokens), gen, seed=seed), -1.0, 1.0)
+    return tokens, audio
+
+
+def test_voices_never_leak_between_jobs(plain_engine, other_voice, third_voice, tap):
+    """Voice B is spoken from B's own prompt whatever voice (A, the built-in one) ran just
+    before it on the same engine, in either order: upstream caches the prompt embedding in
+    its conditioning object, so a shared one would speak B with A's prompt."""
+    voices = {"A": other_voice, "B": third_voice, "builtin": plain_engine.builtin_voice}
+    fresh = {name: fresh_take(plain_engine, voice, seed=3) for name, voice in voices.items()}
+    assert fresh["A"][0] != fresh["B"][0] != fresh["builtin"][0]  # the voices do differ
+    order = ["A", "B", "builtin", "B", "A"]  # B after A and after builtin; A after B
+    tap.clear()
+    takes = [say(plain_engine, seed=3, voice=voices[name]).audio for name in order]
+    for name, tokens, audio in zip(order, tap, takes):
+        assert tokens == fresh[name][0], name
+        assert np.array_equal(audio, fresh[name][1]), name
 
 
 def test_other_voice_gives_other_audio(engine, other_voice):
