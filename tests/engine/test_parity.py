@@ -11,8 +11,10 @@ from chatterbox_worker.engine.vocoder import NoiseBank, Prompt, flow_mels, speak
 TEXT = "Hello there, this is a parity check."
 
 
-def upstream_raw_tokens(model, seed, params: SamplingParams, exaggeration=0.5):
-    """Run upstream's ChatterboxTTS.generate and capture T3's raw output tokens."""
+def upstream_raw_tokens(model, seed, params: SamplingParams, exaggeration=0.5, max_new_tokens=None):
+    """Run upstream's ChatterboxTTS.generate and capture T3's raw output tokens.
+
+    ``max_new_tokens`` lowers upstream's fixed cap of 1000 (same tokens, fewer of them)."""
     from chatterbox.tts import ChatterboxTTS
 
     tts = ChatterboxTTS(model.t3, model.s3gen, model.voice_encoder, model.tokenizer, model.device,
@@ -21,6 +23,8 @@ def upstream_raw_tokens(model, seed, params: SamplingParams, exaggeration=0.5):
     t3_inference = model.t3.inference
 
     def capture(**kwargs):
+        if max_new_tokens is not None:
+            kwargs["max_new_tokens"] = max_new_tokens
         captured["tokens"] = t3_inference(**kwargs)
         return captured["tokens"]
 
@@ -55,6 +59,22 @@ def test_speech_tokens_equal_upstream(engine, params):
     # yields the same tokens without the stop token.
     expected = upstream[:-1] if upstream[-1] == stop else upstream
     assert len(ours) >= 100
+    assert ours == expected
+
+
+@pytest.mark.parametrize("params", [
+    # top-p and min-p both cut (min-p first, as upstream): in the other order
+    # top-p would keep more tokens and the draws would part within a few steps.
+    SamplingParams(top_p=0.8, min_p=0.1),
+    # every parameter off its default, guidance stronger
+    SamplingParams(temperature=1.3, cfg_weight=0.8, top_p=0.6, min_p=0.02, repetition_penalty=1.6),
+], ids=["top_p-and-min_p", "all-changed"])
+def test_speech_tokens_equal_upstream_for_every_sampling_parameter(engine, params):
+    upstream = upstream_raw_tokens(engine.model, seed=13, params=params, max_new_tokens=120)
+    ours = our_tokens(engine, seed=13, params=params, n=len(upstream))
+    stop = engine.model.t3.hp.stop_speech_token
+    expected = upstream[:-1] if upstream[-1] == stop else upstream
+    assert len(expected) >= 60
     assert ours == expected
 
 
