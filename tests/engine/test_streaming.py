@@ -5,6 +5,7 @@ import itertools
 import librosa
 import numpy as np
 import pytest
+import torch
 
 from chatterbox_worker.engine import StreamSchedule, SynthesisRequest
 from chatterbox_worker.engine.synthesis import Engine
@@ -12,11 +13,25 @@ from chatterbox_worker.engine.synthesis import Engine
 TEXT = "Hello there, this is a streaming test of the chunked vocoder."
 LONG = " ".join(f"This is sentence {i} of a longer narration, with a clause." for i in range(6))
 
-# Closeness of streamed to one-shot audio on the tiny random checkpoint with
-# the default schedule (measured: waveform SNR ~13 dB, log-mel distance ~1.2 dB).
-# These guard against regressions; bench/RESULTS.md reports the figures.
-MIN_SNR_DB = 9.0
+# How close streamed audio is to the one-shot take of the same tokens, on the
+# seed-0 tiny checkpoint (TEXT, seed 3). Figures measured with this code:
+#
+# - as served, default schedule: waveform SNR 13.2 dB, log-mel distance 2.18 dB.
+#   HiFT draws its excitation (random phases and noise) afresh for every chunk,
+#   which dominates this difference and hides what chunking itself does: one
+#   token of left context or no crossfade moves these figures by under 0.1 dB.
+# - with HiFT's excitation made deterministic (``quiet_source``) and many seams
+#   (chunks of 8 then 16 tokens): SNR 32.8 dB, log-mel 0.56 dB. With one token
+#   of left context: 28.8 dB, 0.88 dB (with no crossfade as well: 29.0 dB,
+#   0.86 dB). Removing only the crossfade leaves these unchanged (32.7 dB,
+#   0.57 dB): chunks that agree need none; the seam test below catches it.
+#
+# bench/RESULTS.md reports the figures of the released weights.
+MIN_SNR_DB = 11.0
 MAX_LOG_MEL_DB = 2.5
+QUIET_MIN_SNR_DB = 31.0
+QUIET_MAX_LOG_MEL_DB = 0.7
+MANY_SEAMS = StreamSchedule(chunk_tokens=(8, 16))
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +54,23 @@ class TokenTap:
                 yield token
 
         monkeypatch.setattr(engine, "speech_tokens", tapped)
+
+
+@pytest.fixture
+def quiet_source(monkeypatch):
+    """HiFT's excitation without its random phases and noise, in one-shot and streamed takes
+    alike: what is left of their difference is what chunking does (flow context, seams)."""
+    from chatterbox.models.s3gen import hifigan
+
+    class NoPhase:
+        def __init__(self, low, high):
+            pass
+
+        def sample(self, sample_shape):
+            return torch.zeros(sample_shape)
+
+    monkeypatch.setattr(hifigan, "Uniform", NoPhase)
+    monkeypatch.setattr(torch, "randn_like", lambda t, *a, **k: torch.zeros_like(t))
 
 
 def request(engine, text=TEXT, seed=3):
@@ -76,12 +108,35 @@ def test_streamed_audio_is_close_to_one_shot(plain):
     assert log_mel_distance(one_shot, streamed) < MAX_LOG_MEL_DB
 
 
-def test_seams_are_no_worse_than_the_audio_inside_chunks(plain):
-    chunks = [c for c in plain.stream(request(plain, seed=5)) if len(c) > 1]
+def test_chunking_itself_barely_changes_the_audio(plain, quiet_source):
+    """Each chunk's flow decoder sees enough left context that, but for HiFT's random
+    excitation, the streamed take is nearly the one-shot take, even with many seams."""
+    one_shot = plain.synthesize(request(plain)).audio
+    chunks = list(plain.stream(request(plain), schedule=MANY_SEAMS))
+    streamed = np.concatenate(chunks)
+    assert len(chunks) > 10
+    assert snr_db(one_shot, streamed) > QUIET_MIN_SNR_DB
+    assert log_mel_distance(one_shot, streamed) < QUIET_MAX_LOG_MEL_DB
+
+
+def test_seams_crossfade_where_chunks_disagree(plain, monkeypatch):
+    """Consecutive chunks never agree exactly where they meet (HiFT draws its excitation per
+    chunk). Here every vocoder call's audio is shifted by its own offset, -0.5 or +0.5, so
+    neighbours disagree by 1.0: the take must still pass from one to the next without a step.
+    Without this offset the largest sample-to-sample change of this take is 0.19."""
+    from chatterbox_worker.engine import vocoder
+
+    real_hift, calls = vocoder.hift, itertools.count()
+
+    def shifted(model, mels, cache_source=None):
+        audio, source = real_hift(model, mels, cache_source)
+        return audio + (0.5 if next(calls) % 2 else -0.5), source
+
+    monkeypatch.setattr(vocoder, "hift", shifted)
+    chunks = list(plain.stream(request(plain, seed=5), schedule=MANY_SEAMS, max_tokens=100))
     take = np.concatenate(chunks)
-    seams = np.cumsum([len(c) for c in chunks])[:-1]
-    inner = max(np.abs(np.diff(c)).max() for c in chunks)
-    assert max(abs(take[s] - take[s - 1]) for s in seams) <= inner
+    assert len(chunks) >= 5 and next(calls) == len(chunks)  # one vocoder call per chunk
+    assert np.abs(np.diff(take)).max() < 0.4  # a step would be 1.0
 
 
 def test_first_chunk_is_small_and_later_ones_grow(plain):
