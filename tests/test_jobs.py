@@ -6,7 +6,9 @@ import io
 import pytest
 import soundfile
 
+from chatterbox_worker.audio import encode_audio
 from chatterbox_worker.config import load_settings
+from chatterbox_worker.engine import StreamSchedule, SynthesisRequest
 from chatterbox_worker.jobs import JobRunner
 from chatterbox_worker.tiny_model import synthetic_reference
 from chatterbox_worker.voices import VoiceStore, voice_file_bytes
@@ -46,8 +48,12 @@ def test_same_seed_gives_the_same_bytes_and_no_seed_is_reported(runner):
     a = only(run(r, {"text": "Same again.", "seed": 1}))
     b = only(run(r, {"text": "Same again.", "seed": 1}))
     assert a["audio_base64"] == b["audio_base64"]
+    # Without a seed the worker picks one and reports it: that seed gives the same take again.
     c = only(run(r, {"text": "Same again."}))
-    assert isinstance(c["seed"], int)
+    d = only(run(r, {"text": "Same again."}))
+    assert c["seed"] != d["seed"]  # picked afresh per job (a clash has odds 2**-31)
+    again = only(run(r, {"text": "Same again.", "seed": c["seed"]}))
+    assert again["audio_base64"] == c["audio_base64"] != d["audio_base64"]
 
 
 def test_generate_with_a_stored_voice(runner, engine, tmp_path):
@@ -60,6 +66,8 @@ def test_generate_with_a_stored_voice(runner, engine, tmp_path):
     mine = only(run(r, {"text": "Hello there.", "voice_id": "deep", "seed": 2}))
     builtin = only(run(r, {"text": "Hello there.", "seed": 2}))
     assert mine["voice_id"] == "deep"
+    take = engine.synthesize(SynthesisRequest(text="Hello there.", voice=voice, seed=2))
+    assert base64.b64decode(mine["audio_base64"]) == encode_audio(take.audio, 24000, "wav", 24000)
     assert mine["audio_base64"] != builtin["audio_base64"]
 
 
@@ -154,6 +162,34 @@ def test_stream_yields_chunks_then_a_result(runner, fmt, rate):
     data = b"".join(base64.b64decode(c["audio_base64"]) for c in chunks)
     # MP3 decoders add the encoder's delay and last-frame padding (up to ~0.15 s).
     assert decode_any(data) == pytest.approx(result["duration_s"], abs=0.15 if fmt == "mp3" else 0.01)
+
+
+def test_stream_items_stay_under_runpods_1_mb_at_the_largest_chunks(runner):
+    """RunPod drops a stream item over 1 MB. Chunks may hold up to 500 tokens (20 s; 1.9 MB
+    as 48 kHz 16-bit PCM): here the whole take, about 10 s, is one vocoder chunk of about
+    1 MB of audio, which must go out as several items, each under the limit."""
+    import json
+
+    r = runner(STREAM_CHUNK_TOKENS="500")
+    text = "A take of about ten seconds, vocoded as one single chunk of the largest size there is."
+    items = run(r, {"text": text, "stream": True, "seed": 4, "format": "pcm_s16le",
+                    "sample_rate": 48000})
+    chunks, result = items[:-1], items[-1]
+    assert result["type"] == "result" and result["chunks"] == len(chunks)
+    sizes = [len(json.dumps(c)) for c in chunks]
+    assert max(sizes) < 1_000_000
+    pcm = b"".join(base64.b64decode(c["audio_base64"]) for c in chunks)
+    assert len(pcm) == round(result["duration_s"] * 48000) * 2
+    # The test is not vacuous: the take is one vocoder chunk whose audio would not fit
+    # one item, and the items it was split into are filled close to the limit.
+    assert len(pcm) * 4 / 3 > 1_000_000
+    assert max(sizes) > 650_000
+
+
+def test_streaming_uses_the_engines_schedule_by_default(runner):
+    """The closeness of streamed to one-shot audio is measured on the engine's schedule
+    (tests/engine/test_streaming.py); the worker's defaults must be that schedule."""
+    assert runner().schedule == StreamSchedule()
 
 
 def test_stream_and_one_shot_have_the_same_length(runner):
