@@ -2,13 +2,18 @@
 
 import base64
 import io
+import os
 
+import numpy as np
 import pytest
 import torch
 
+from chatterbox_worker.audio import encode_audio
 from chatterbox_worker.config import load_settings
+from chatterbox_worker.engine import SynthesisRequest
 from chatterbox_worker.jobs import JobRunner
-from chatterbox_worker.voices import VoiceStore, voice_file_bytes
+from chatterbox_worker.tiny_model import write_checkpoint
+from chatterbox_worker.voices import VoiceStore, parse_voice_file
 from tests.speech import SENTENCES, long_speech_wav, speech_wav
 
 
@@ -16,12 +21,26 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-@pytest.fixture
-def runner(engine, tmp_path):
-    settings = load_settings({"VOICES_DIR": str(tmp_path / "voices")})
+def make_runner(engine, voices_dir):
+    settings = load_settings({"VOICES_DIR": str(voices_dir)})
     store = VoiceStore(settings.voices_dir, model_signature=engine.model.signature,
                        variant="original")
     return JobRunner(settings, engine, store)
+
+
+@pytest.fixture
+def runner(engine, tmp_path):
+    return make_runner(engine, tmp_path / "voices")
+
+
+@pytest.fixture(scope="module")
+def foreign_engine(tmp_path_factory):
+    """The same model on other weights: a tiny checkpoint written with another seed."""
+    from chatterbox_worker.engine import load_engine
+
+    directory = write_checkpoint(tmp_path_factory.mktemp("tiny-seed1"), seed=1)
+    return load_engine(load_settings({"CHATTERBOX_MODEL_DIR": str(directory),
+                                      "CHATTERBOX_WARMUP": "0", "CHATTERBOX_WATERMARK": "0"}))
 
 
 def job(runner, **job_input):
@@ -35,6 +54,13 @@ def upload(runner, voice_id, text=SENTENCES[0], **extra):
                **extra)
 
 
+def spoken_with(runner, voice_id, text, seed):
+    """The WAV the engine makes of ``text`` with the conditionals stored for ``voice_id``."""
+    voice = runner.voices.load(voice_id).conditionals
+    take = runner.engine.synthesize(SynthesisRequest(text=text, voice=voice, seed=seed))
+    return b64(encode_audio(take.audio, take.sample_rate, "wav", 24000))
+
+
 def test_upload_from_speech_then_generate_with_it(runner, engine):
     meta = upload(runner, "joe")
     assert set(meta) == {"voice_id", "created_at", "reference_s", "model", "size_bytes"}
@@ -42,7 +68,9 @@ def test_upload_from_speech_then_generate_with_it(runner, engine):
     assert 3.0 < meta["reference_s"] < 8.0
     mine = job(runner, text="Hello there.", voice_id="joe", seed=1)
     builtin = job(runner, text="Hello there.", seed=1)
-    assert mine["type"] == "result" and mine["audio_base64"] != builtin["audio_base64"]
+    assert mine["type"] == "result" and mine["voice_id"] == "joe"
+    assert mine["audio_base64"] == spoken_with(runner, "joe", "Hello there.", seed=1)
+    assert mine["audio_base64"] != builtin["audio_base64"]
 
 
 def test_several_clips_make_one_voice(runner):
@@ -74,6 +102,8 @@ def test_list_get_export_import_delete(runner):
     assert imported["voice_id"] == "copy" and imported["reference_s"] == exported["reference_s"]
     a = job(runner, text="Same words.", voice_id="a-voice", seed=4)
     c = job(runner, text="Same words.", voice_id="copy", seed=4)
+    assert (a["voice_id"], c["voice_id"]) == ("a-voice", "copy")
+    assert a["audio_base64"] == spoken_with(runner, "a-voice", "Same words.", seed=4)
     assert a["audio_base64"] == c["audio_base64"]  # same conditionals, same audio
     assert job(runner, action="delete_voice", voice_id="a-voice") == {"deleted": "a-voice"}
     assert job(runner, text="Gone.", voice_id="a-voice")["error"] == \
@@ -90,28 +120,41 @@ def test_list_get_export_import_delete(runner):
     ({"audio_url": "http://127.0.0.1:9/a.wav"}, "invalid_input: audio_url host '127.0.0.1' is a private"),
 ])
 def test_bad_reference_is_refused_and_nothing_is_written(runner, source, needle):
+    runner.voices.directory.mkdir(parents=True)
     error = job(runner, action="upload_voice", voice_id="bad", **source)["error"]
     assert needle in error
     assert not runner.voices.exists("bad")
-    assert list(runner.voices.directory.glob("*")) == [] if runner.voices.directory.exists() else True
+    assert os.listdir(runner.voices.directory) == []  # no voice file, no temporary file
 
 
-def test_voice_for_another_model_is_refused_then_rebuilt(runner, engine):
-    upload(runner, "orig")
-    exported = job(runner, action="get_voice", voice_id="orig", export=True)
-    raw = torch.load(io.BytesIO(base64.b64decode(exported["voice_base64"])), weights_only=True)
-    foreign = voice_file_bytes("orig", engine.voice_from_clips([raw["reference_audio"].numpy() / 32767.0]),
-                               model="chatterbox-original-0123456789abcdef", variant="original",
-                               reference_audio=raw["reference_audio"].numpy() / 32767.0,
-                               reference_sample_rate=raw["reference_sample_rate"])
-    error = job(runner, action="upload_voice", voice_id="ported", voice_base64=b64(foreign))["error"]
+def test_voice_from_other_weights_is_refused_then_rebuilt_for_these(runner, engine, foreign_engine,
+                                                                     tmp_path):
+    foreign_runner = make_runner(foreign_engine, tmp_path / "foreign-voices")
+    upload(foreign_runner, "orig")
+    exported = job(foreign_runner, action="get_voice", voice_id="orig", export=True)["voice_base64"]
+    foreign = parse_voice_file(base64.b64decode(exported))
+    assert foreign.model == foreign_engine.model.signature != engine.model.signature
+
+    error = job(runner, action="upload_voice", voice_id="ported", voice_base64=exported)["error"]
     assert error.startswith("invalid_voice_file:")
-    assert "chatterbox-original-0123456789abcdef" in error and engine.model.signature in error
-    assert "rebuild: true" in error
-    rebuilt = job(runner, action="upload_voice", voice_id="ported", voice_base64=b64(foreign),
+    assert foreign.model in error and engine.model.signature in error and "rebuild: true" in error
+    assert not runner.voices.exists("ported")
+
+    rebuilt = job(runner, action="upload_voice", voice_id="ported", voice_base64=exported,
                   rebuild=True)
     assert rebuilt["model"] == engine.model.signature
-    assert job(runner, text="Rebuilt.", voice_id="ported", seed=1)["type"] == "result"
+    stored = runner.voices.load("ported")
+    assert torch.equal(stored.reference_audio, foreign.reference_audio)  # kept for the next rebuild
+    # Remade by these weights from the file's reference audio, not the foreign tensors kept.
+    here = engine.voice_from_clips([foreign.reference_audio.numpy().astype(np.float32) / 32767.0])
+    for name, tensor in here.tensors().items():
+        assert torch.equal(stored.conditionals.tensors()[name], tensor), name
+    for name in ("speaker_emb", "cond_prompt_speech_tokens", "prompt_token", "embedding"):
+        assert not torch.equal(stored.conditionals.tensors()[name],
+                               foreign.conditionals.tensors()[name]), name
+    spoken = job(runner, text="Rebuilt.", voice_id="ported", seed=1)
+    assert spoken["voice_id"] == "ported"
+    assert spoken["audio_base64"] == spoken_with(runner, "ported", "Rebuilt.", seed=1)
 
 
 def test_unwritable_voices_directory_is_storage_unavailable(engine, tmp_path):
