@@ -26,6 +26,9 @@ MIN_SNR_DB = 15.0
 MIN_RMS = 0.003
 MAX_SEGMENTS = 12  # the speaker embedding gains little past a dozen clean segments
 MAX_STORED_S = 180.0
+# One recording in the folder (the operator's own files, longer than an upload's clip).
+MAX_RECORDING_S = 3600.0
+MAX_RECORDING_BYTES = 1024 * 1024 * 1024
 
 SR = reference.SAMPLE_RATE
 
@@ -110,7 +113,10 @@ def collect_segments(directory: Path, progress: Callable[[str], None] = lambda m
     for n, path in enumerate(files, 1):
         progress(f"[{n}/{len(files)}] {path.name}")
         try:
-            audio = reference.decode(path.read_bytes(), label=path.name)
+            if path.stat().st_size > MAX_RECORDING_BYTES:
+                raise InvalidAudio(f"{path.name} is larger than {MAX_RECORDING_BYTES} bytes")
+            audio = reference.decode(path.read_bytes(), label=path.name,
+                                     max_seconds=MAX_RECORDING_S, max_bytes=MAX_RECORDING_BYTES)
         except InvalidAudio as exc:
             report.files_failed[path.name] = exc.message
             continue

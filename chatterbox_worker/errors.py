@@ -6,6 +6,8 @@ into the single ``{"error": "<code>: <message>"}`` item a failed job yields.
 
 from __future__ import annotations
 
+import re
+
 
 class WorkerError(Exception):
     """Base of every error a client may see; ``code`` is the API error code."""
@@ -58,3 +60,30 @@ class InternalError(WorkerError):
 
 class ConfigError(Exception):
     """Malformed settings or unusable weights: the worker stops at start-up with one line."""
+
+
+# Terminal escape sequences (colour codes some libraries put in their messages)
+# and control characters: never part of a message a client reads.
+_ESCAPE_SEQUENCE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b.?")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+EXCERPT_CHARS = 80
+
+
+def excerpt(value: object, limit: int = EXCERPT_CHARS) -> str:
+    """Client data, or a third party's message, as an error may quote it: printable and short.
+
+    Longer text is cut with a visible marker, so a 200 KB field cannot make a
+    200 KB error and a reader knows the quote is incomplete. Our own message
+    text around the quote is never cut.
+    """
+    text = value if isinstance(value, str) else repr(value)
+    text = _CONTROL.sub(" ", _ESCAPE_SEQUENCE.sub("", text)).encode("utf-8", "replace").decode("utf-8")
+    if len(text) > limit:
+        text = f"{text[:limit]}… [{len(text) - limit} more characters]"
+    return text
+
+
+def reason(exc: BaseException, limit: int = 120) -> str:
+    """First line of an exception's message (or its type), quotable in an error."""
+    text = str(exc).strip()
+    return excerpt(text.splitlines()[0], limit) if text else type(exc).__name__

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 
-from .errors import InvalidAudio
+from .errors import InvalidAudio, excerpt, reason
 
 SAMPLE_RATE = 24000
 MIN_SECONDS = 3.0
@@ -37,34 +37,109 @@ class ReferenceClip:
         return len(self.audio) / SAMPLE_RATE
 
 
-def decode(data: bytes, *, label: str = "audio") -> np.ndarray:
-    """Mono float32 at 24 kHz from a wav/flac/mp3/ogg file's bytes (FFmpeg via PyAV)."""
+# What a reference clip may be, checked before FFmpeg decodes anything.
+# FFmpeg knows hundreds of containers, some of which read other files or open
+# sockets (ffconcat playlists, SDP descriptions, HLS): only these four are
+# opened, each with its own demuxer named explicitly (never probed), and only
+# with the codecs they normally carry.
+CONTAINERS = {
+    "wav": ("wav", {"pcm_s16le", "pcm_s24le", "pcm_s32le", "pcm_f32le", "pcm_f64le", "pcm_u8",
+                    "pcm_alaw", "pcm_mulaw"}),
+    "flac": ("flac", {"flac"}),
+    "mp3": ("mp3", {"mp3", "mp3float"}),
+    "ogg": ("ogg", {"vorbis", "opus", "flac"}),
+}
+# Rates a real recording has; a header claiming 1 Hz would otherwise be
+# resampled into hours of audio before any length check.
+MIN_SOURCE_RATE = 8000
+MAX_SOURCE_RATE = 192000
+MAX_CHANNELS = 8
+# Decoding stops past this much audio (before trimming silence), so memory is
+# bounded by it, not by what a header claims: twice the longest clip allowed.
+MAX_DECODED_SECONDS = 2 * MAX_SECONDS
+
+
+def sniff_container(data: bytes) -> Optional[str]:
+    """The container ``data`` starts like (``CONTAINERS`` key), or None."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WAVE":
+        return "wav"
+    if data[:4] == b"fLaC":
+        return "flac"
+    if data[:4] == b"OggS":
+        return "ogg"
+    if data[:3] == b"ID3":  # an ID3v2 tag (size: four 7-bit bytes) before MPEG audio frames
+        return "mp3" if len(data) >= 10 else None
+    # An MPEG audio frame header: 11 sync bits, then a layer that is not 0
+    # (layer bits 00 mark AAC's ADTS, which is not on the list).
+    if len(data) >= 2 and data[0] == 0xFF and data[1] & 0xE0 == 0xE0 and data[1] & 0x06:
+        return "mp3"
+    return None
+
+
+def decode(data: bytes, *, label: str = "audio", max_seconds: float = MAX_DECODED_SECONDS,
+           max_bytes: int = MAX_FILE_BYTES) -> np.ndarray:
+    """Mono float32 at 24 kHz from a wav/flac/mp3/ogg file's bytes (FFmpeg via PyAV).
+
+    ``InvalidAudio`` for anything else, for implausible headers, and as soon
+    as the decoded audio passes ``max_seconds``.
+    """
     import av
 
-    if len(data) > MAX_FILE_BYTES:
-        raise InvalidAudio(f"{label} is {len(data)} bytes; the limit is {MAX_FILE_BYTES}")
+    if len(data) > max_bytes:
+        raise InvalidAudio(f"{label} is {len(data)} bytes; the limit is {max_bytes}")
     if not data:
         raise InvalidAudio(f"{label} is empty")
+    container_name = sniff_container(data)
+    if container_name is None:
+        raise InvalidAudio(f"{label} is not a wav, flac, mp3 or ogg file")
+    demuxer, codecs = CONTAINERS[container_name]
+    limit = int(max_seconds * SAMPLE_RATE)
+    parts: List[np.ndarray] = []
+    decoded = 0
     try:
-        with av.open(io.BytesIO(data)) as container:
+        with av.open(io.BytesIO(data), format=demuxer) as container:
             if not container.streams.audio:
                 raise InvalidAudio(f"{label} has no audio stream")
+            stream = container.streams.audio[0]
+            _check_stream(stream.codec_context, codecs, container_name, label)
             resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
-            parts: List[np.ndarray] = []
-            for frame in container.decode(audio=0):
+            for frame in container.decode(stream):
+                # A stream may change its parameters mid-way (chained Ogg, MP3).
+                _check_rate(frame.sample_rate, label)
                 for out in resampler.resample(frame):
                     parts.append(out.to_ndarray().reshape(-1))
+                    decoded += parts[-1].size
+                if decoded > limit:
+                    raise InvalidAudio(
+                        f"{label} is longer than {max_seconds:.0f} s; at most {MAX_SECONDS:.0f} s "
+                        f"of speech per clip (use scripts/clone_voice.py for longer recordings)")
             for out in resampler.resample(None):
                 parts.append(out.to_ndarray().reshape(-1))
     except InvalidAudio:
         raise
     except Exception as exc:  # FFmpeg's many ways to say "not audio"
-        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
-        raise InvalidAudio(f"{label} cannot be decoded as wav, flac, mp3 or ogg ({reason})") from None
+        raise InvalidAudio(f"{label} cannot be decoded as {container_name} ({reason(exc)})") from None
     audio = np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, dtype=np.float32)
     if not np.isfinite(audio).all():
         raise InvalidAudio(f"{label} decodes to invalid samples")
     return audio
+
+
+def _check_rate(rate: Optional[int], label: str) -> None:
+    if not rate or not MIN_SOURCE_RATE <= rate <= MAX_SOURCE_RATE:
+        raise InvalidAudio(f"{label} declares a sample rate of {rate} Hz; only "
+                           f"{MIN_SOURCE_RATE}-{MAX_SOURCE_RATE} Hz is accepted")
+
+
+def _check_stream(codec_context, codecs, container_name: str, label: str) -> None:
+    """Refuse an unexpected codec or an implausible header before decoding a sample."""
+    if codec_context.name not in codecs:
+        raise InvalidAudio(f"{label} is {container_name} with codec '{excerpt(codec_context.name, 40)}'; "
+                           f"accepted: {', '.join(sorted(codecs))}")
+    _check_rate(codec_context.sample_rate, label)
+    channels = codec_context.channels
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise InvalidAudio(f"{label} declares {channels} channels; at most {MAX_CHANNELS}")
 
 
 def estimate_snr_db(audio: np.ndarray, frame: int = 480) -> float:

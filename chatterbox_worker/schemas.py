@@ -7,16 +7,22 @@ client learns what to fix from the error alone.
 from __future__ import annotations
 
 import re
+import unicodedata
 from typing import Any, List, Literal, Mapping, Optional, Union
 
 from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt,
                       StrictStr, ValidationError, ValidationInfo, field_validator,
                       model_validator)
 
-from .errors import InvalidInput
+from .errors import InvalidInput, excerpt
 
 VOICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 VOICE_ID_RE = re.compile(VOICE_ID_PATTERN)
+
+
+def is_voice_id(value: object) -> bool:
+    """Whether ``value`` is a whole voice id (``fullmatch``: ``$`` alone would accept "id\\n")."""
+    return isinstance(value, str) and VOICE_ID_RE.fullmatch(value) is not None
 
 AudioFormat = Literal["wav", "pcm_s16le", "flac", "mp3", "opus"]
 
@@ -36,7 +42,7 @@ class _Request(BaseModel):
 
 
 def _check_voice_id(value: str) -> str:
-    if not VOICE_ID_RE.match(value):
+    if not is_voice_id(value):
         raise ValueError(
             "must be 1-64 letters, digits, '_' or '-', starting with a letter or digit")
     return value
@@ -68,6 +74,7 @@ class GenerateRequest(_Request):
             raise ValueError("must not be empty")
         if len(value) > limit:
             raise ValueError(f"is {len(value)} characters; the limit is {limit}")
+        check_speakable(value)
         return value
 
     @field_validator("voice_id")
@@ -90,6 +97,32 @@ class GenerateRequest(_Request):
         if allowed is None and not low <= self.sample_rate <= high:
             raise ValueError(f"sample_rate must be between {low} and {high}")
         return self
+
+
+# Text may hold any script and emoji, and tab, newline and carriage return as
+# layout. Other control characters and lone surrogates (which JSON can carry
+# but UTF-8 cannot) are refused, not stripped: they are a client's bug, and
+# silently speaking something else than was sent hides it.
+_ALLOWED_CONTROLS = frozenset("\t\n\r")
+
+
+def check_speakable(text: str) -> None:
+    """``ValueError`` for characters no voice can read, or for text with nothing to say."""
+    speakable = False
+    for position, char in enumerate(text):
+        category = unicodedata.category(char)
+        if category == "Cs":
+            raise ValueError(f"holds a lone surrogate (U+{ord(char):04X}) at character "
+                             f"{position}; send valid UTF-8 text")
+        if category == "Cc" and char not in _ALLOWED_CONTROLS:
+            raise ValueError(f"holds the control character U+{ord(char):04X} at character "
+                             f"{position}; only tab, newline and carriage return are allowed")
+        # Letters, digits and symbols (emoji included) can be spoken;
+        # punctuation, spaces and invisible format marks alone cannot.
+        speakable = speakable or category[0] in "LNS"
+    if not speakable:
+        raise ValueError("has nothing to speak (only punctuation, spaces or invisible "
+                         "characters)")
 
 
 class UploadVoiceRequest(_Request):
@@ -154,7 +187,8 @@ def describe_errors(exc: ValidationError) -> str:
     """One readable line from pydantic's errors: ``field: problem; field: problem``."""
     parts = []
     for error in exc.errors(include_url=False):
-        field = ".".join(str(part) for part in error["loc"])
+        # Field names come from the client: an unknown one is quoted, never in full.
+        field = ".".join(excerpt(str(part), 40) for part in error["loc"])
         message = error["msg"]
         if error["type"] == "extra_forbidden":
             message = "unknown field"
@@ -176,7 +210,8 @@ def parse_request(job_input: Any, *, max_text_chars: int) -> Request:
         action = "generate"
     model = REQUESTS.get(action) if isinstance(action, str) else None
     if model is None:
-        raise InvalidInput(f"unknown action {action!r}; use one of: " + ", ".join(REQUESTS))
+        raise InvalidInput(f"unknown action '{excerpt(action, 40)}'; use one of: "
+                           + ", ".join(REQUESTS))
     data = dict(job_input)
     data["action"] = action
     try:

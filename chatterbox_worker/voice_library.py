@@ -18,15 +18,20 @@ from .engine import Engine
 from .errors import InvalidAudio, InvalidInput, InvalidVoiceFile, VoiceExists
 from .fetch import fetch_audio
 from .schemas import DeleteVoiceRequest, GetVoiceRequest, UploadVoiceRequest
-from .voices import StoredVoice, VoiceStore, parse_voice_file, voice_file_bytes
+from .voices import (MAX_VOICE_FILE_BYTES, StoredVoice, VoiceStore, parse_voice_file,
+                     voice_file_bytes)
 
 MAX_CLIPS = 10
 CLIP_GAP_S = 0.25  # silence between clips in the stored reference audio
 
 
-def _b64(value: str, what: str, error=InvalidAudio) -> bytes:
+def _b64(value: str, what: str, error=InvalidAudio, *, max_bytes: int) -> bytes:
+    """Decoded base64, line breaks allowed (MIME wraps at 76); the size is checked first."""
+    compact = "".join(value.split())
+    if len(compact) > 4 * -(-max_bytes // 3):
+        raise error(f"{what} is about {len(compact) * 3 // 4} bytes; the limit is {max_bytes}")
     try:
-        return base64.b64decode(value, validate=True)
+        return base64.b64decode(compact, validate=True)
     except (binascii.Error, ValueError):
         raise error(f"{what} is not valid base64") from None
 
@@ -65,6 +70,9 @@ class VoiceLibrary:
             data = self._import(request)
         else:
             data = self._from_audio(request)
+        # Whatever goes to the volume passes the checks every later load makes:
+        # nothing is written that the worker would then refuse to read.
+        parse_voice_file(data)
         self.store.save(request.voice_id, data, overwrite=request.overwrite)
         return self.store.metadata(request.voice_id)
 
@@ -75,7 +83,8 @@ class VoiceLibrary:
             raise InvalidInput(f"at most {MAX_CLIPS} reference clips per voice")
         labels = [f"{field}[{i}]" if len(sources) > 1 else field for i in range(len(sources))]
         if field == "audio_base64":
-            raw = [_b64(s, label) for s, label in zip(sources, labels)]
+            raw = [_b64(s, label, max_bytes=reference.MAX_FILE_BYTES)
+                   for s, label in zip(sources, labels)]
         else:
             raw = [fetch_audio(url, max_bytes=reference.MAX_FILE_BYTES,
                                allow_private=self.allow_private_urls) for url in sources]
@@ -90,11 +99,16 @@ class VoiceLibrary:
                                 reference_sample_rate=reference.SAMPLE_RATE)
 
     def _import(self, request: UploadVoiceRequest) -> bytes:
-        voice = parse_voice_file(_b64(request.voice_base64, "voice_base64", InvalidVoiceFile))
+        voice = parse_voice_file(_b64(request.voice_base64, "voice_base64", InvalidVoiceFile,
+                                      max_bytes=MAX_VOICE_FILE_BYTES))
         if voice.model == self.signature:
             conditionals = voice.conditionals
         elif request.rebuild:
-            conditionals = self.engine.voice_from_clips([self._reference_audio(voice)])
+            # The same limit as an uploaded clip. The stored audio starts with
+            # the clip the voice's prompt came from, so its first minute is
+            # the best single clip to rebuild from.
+            clip = self._reference_audio(voice)[: int(reference.MAX_SECONDS * reference.SAMPLE_RATE)]
+            conditionals = self.engine.voice_from_clips([clip])
         else:
             raise InvalidVoiceFile(
                 f"this voice was made for model {voice.model}; this worker runs {self.signature}. "

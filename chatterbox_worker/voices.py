@@ -17,8 +17,10 @@ import hashlib
 import io
 import logging
 import os
+import stat
 import tempfile
 import threading
+import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -29,14 +31,23 @@ import numpy as np
 import torch
 
 from .engine.conditionals import VoiceConditionals, check_tensors
-from .errors import InvalidVoiceFile, StorageUnavailable, VoiceExists, VoiceNotFound
-from .schemas import VOICE_ID_RE
+from .errors import InvalidVoiceFile, StorageUnavailable, VoiceExists, VoiceNotFound, reason
+from .schemas import is_voice_id
 
 log = logging.getLogger(__name__)
 
 FILE_FORMAT = "chatterbox-worker-voice"
 FILE_VERSION = 1
 MAX_VOICE_FILE_BYTES = 32 * 1024 * 1024
+# torch.save writes a zip of a few uncompressed entries (the pickle, one per
+# tensor storage, version records). Anything else is not ours: a compressed
+# entry could expand to gigabytes inside torch.load.
+MAX_ARCHIVE_ENTRIES = 64
+# Reference audio a voice may carry, at its stored rate: every clip of the
+# largest upload (10 x 60 s with short gaps) fits; the 180 s the cloning
+# script keeps does too.
+MAX_REFERENCE_SECONDS = 10 * (60.0 + 0.25)
+REFERENCE_RATE_RANGE = (8000, 48000)
 META_KEYS = {"format": str, "format_version": int, "voice_id": str, "created_at": str,
              "reference_s": float, "model": str, "variant": str, "conditionals": dict,
              "reference_audio": torch.Tensor, "reference_sample_rate": int}
@@ -92,16 +103,54 @@ def voice_file_bytes(voice_id: str, conditionals: VoiceConditionals, *, model: s
     return buffer.getvalue()
 
 
-def parse_voice_file(data: bytes, *, device: str = "cpu") -> StoredVoice:
-    """Validate and decode a voice file's bytes (``InvalidVoiceFile`` on any problem)."""
+def check_archive(data: bytes) -> None:
+    """``InvalidVoiceFile`` unless ``data`` is a torch zip archive whose entries stay small.
+
+    Checked from the zip directory alone, before torch reads anything: every
+    entry stored uncompressed (compressed and stored sizes equal) and all of
+    them together within ``MAX_VOICE_FILE_BYTES``. torch's older non-zip
+    format is refused too: it declares storage sizes that torch allocates
+    before it reads them.
+    """
     if len(data) > MAX_VOICE_FILE_BYTES:
         raise InvalidVoiceFile(f"voice file is {len(data)} bytes; the limit is {MAX_VOICE_FILE_BYTES}")
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise InvalidVoiceFile(f"not a readable voice file ({reason(exc)}); export voices "
+                               f"with get_voice and export: true") from None
+    if not entries or len(entries) > MAX_ARCHIVE_ENTRIES:
+        raise InvalidVoiceFile(f"voice file holds {len(entries)} entries; a voice file has at most "
+                               f"{MAX_ARCHIVE_ENTRIES}")
+    total = 0
+    for entry in entries:
+        if entry.compress_type != zipfile.ZIP_STORED or entry.compress_size != entry.file_size:
+            raise InvalidVoiceFile("voice file has compressed entries; voice files are written "
+                                   "uncompressed by torch.save")
+        total += entry.file_size
+    if total > MAX_VOICE_FILE_BYTES:
+        raise InvalidVoiceFile(f"voice file entries add up to {total} bytes; the limit is "
+                               f"{MAX_VOICE_FILE_BYTES}")
+
+
+def _check_tensor_memory(name: str, value: torch.Tensor) -> None:
+    """A tensor may not claim more values than its stored bytes hold: a zero stride
+    could make one stored value look like billions, which the next operation
+    (a NaN check, a resample) would then allocate for real. (torch itself checks
+    that a view stays inside its storage.)"""
+    if value.numel() * value.element_size() > value.untyped_storage().nbytes():
+        raise InvalidVoiceFile(f"field '{name}' is not a plain tensor")
+
+
+def parse_voice_file(data: bytes, *, device: str = "cpu") -> StoredVoice:
+    """Validate and decode a voice file's bytes (``InvalidVoiceFile`` on any problem)."""
+    check_archive(data)
     try:
         # weights_only refuses any pickle that would construct arbitrary objects.
         raw = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:
-        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-        raise InvalidVoiceFile(f"not a readable voice file ({reason})") from None
+        raise InvalidVoiceFile(f"not a readable voice file ({reason(exc, 160)})") from None
     if not isinstance(raw, dict) or raw.get("format") != FILE_FORMAT:
         raise InvalidVoiceFile("not a voice file of this worker (use get_voice with export: true)")
     for key, kind in META_KEYS.items():
@@ -113,13 +162,22 @@ def parse_voice_file(data: bytes, *, device: str = "cpu") -> StoredVoice:
     if raw["format_version"] != FILE_VERSION:
         raise InvalidVoiceFile(f"voice file version {raw['format_version']} is not supported "
                                f"(this worker reads version {FILE_VERSION})")
-    if not VOICE_ID_RE.match(raw["voice_id"]):
+    if not is_voice_id(raw["voice_id"]):
         raise InvalidVoiceFile("field 'voice_id' is not a valid voice id")
+    tensors = {"reference_audio": raw["reference_audio"], **{
+        f"conditionals.{k}": v for k, v in raw["conditionals"].items() if isinstance(v, torch.Tensor)}}
+    for name, value in tensors.items():
+        _check_tensor_memory(name, value)
     audio = raw["reference_audio"]
     if audio.dtype != torch.int16 or audio.dim() != 1:
         raise InvalidVoiceFile("field 'reference_audio' must be 1-D int16 samples")
-    if not 8000 <= raw["reference_sample_rate"] <= 48000:
-        raise InvalidVoiceFile("field 'reference_sample_rate' is out of range")
+    rate = raw["reference_sample_rate"]
+    low, high = REFERENCE_RATE_RANGE
+    if not low <= rate <= high:
+        raise InvalidVoiceFile(f"field 'reference_sample_rate' is {rate}; it must be {low}-{high}")
+    if len(audio) > MAX_REFERENCE_SECONDS * rate:
+        raise InvalidVoiceFile(f"field 'reference_audio' holds {len(audio) / rate:.0f} s of audio; "
+                               f"at most {MAX_REFERENCE_SECONDS:.0f} s")
     try:
         check_tensors(raw["conditionals"])
     except ValueError as exc:
@@ -129,7 +187,7 @@ def parse_voice_file(data: bytes, *, device: str = "cpu") -> StoredVoice:
         reference_s=float(raw["reference_s"]), model=raw["model"], variant=raw["variant"],
         size_bytes=len(data),
         conditionals=VoiceConditionals.from_tensors(raw["conditionals"], device=device),
-        reference_audio=audio, reference_sample_rate=raw["reference_sample_rate"])
+        reference_audio=audio, reference_sample_rate=rate)
 
 
 class VoiceStore:
@@ -146,15 +204,19 @@ class VoiceStore:
         self._lock = threading.Lock()
 
     def path_for(self, voice_id: str) -> Path:
-        if not VOICE_ID_RE.match(voice_id):  # never let an id name another path
+        if not is_voice_id(voice_id):  # never let an id name another path
             raise ValueError(f"bad voice id {voice_id!r}")
         return self.directory / f"{voice_id}.pth"
 
     def status(self) -> str:
         """'ok', or why voices cannot be stored here."""
         if not self.directory.exists():
-            parent = self.directory.parent
-            if parent.is_dir() and os.access(parent, os.W_OK):
+            # An upload creates the directory and any missing parents: it can
+            # when the nearest folder that exists is writable.
+            ancestor = self.directory.absolute().parent
+            while not ancestor.exists() and ancestor != ancestor.parent:
+                ancestor = ancestor.parent
+            if ancestor.is_dir() and os.access(ancestor, os.W_OK | os.X_OK):
                 return "ok"
             return f"voices directory {self.directory} does not exist and cannot be created"
         if not self.directory.is_dir():
@@ -164,13 +226,32 @@ class VoiceStore:
         return "ok"
 
     def _read(self, voice_id: str) -> bytes:
+        """The file's bytes, once it is known to be a regular file of plausible size.
+
+        Opened non-blocking so a FIFO planted under a voice's name cannot hang
+        the worker; a directory, device or oversized file is refused unread.
+        """
         path = self.path_for(voice_id)
         try:
-            return path.read_bytes()
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         except FileNotFoundError:
             raise VoiceNotFound(voice_id) from None
         except OSError as exc:
             raise StorageUnavailable(f"cannot read voice '{voice_id}': {exc.strerror}") from None
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_VOICE_FILE_BYTES:
+            os.close(fd)
+            raise InvalidVoiceFile(f"{voice_id}.pth is not a regular file" if not stat.S_ISREG(
+                info.st_mode) else f"{voice_id}.pth is {info.st_size} bytes; the limit is "
+                                   f"{MAX_VOICE_FILE_BYTES}")
+        with os.fdopen(fd, "rb") as fh:
+            try:
+                data = fh.read(MAX_VOICE_FILE_BYTES + 1)
+            except OSError as exc:
+                raise StorageUnavailable(f"cannot read voice '{voice_id}': {exc.strerror}") from None
+        if len(data) > MAX_VOICE_FILE_BYTES:  # grew after fstat
+            raise InvalidVoiceFile(f"{voice_id}.pth is larger than {MAX_VOICE_FILE_BYTES} bytes")
+        return data
 
     def _parse_cached(self, data: bytes) -> StoredVoice:
         digest = hashlib.sha256(data).hexdigest()
@@ -260,19 +341,40 @@ class VoiceStore:
         out = []
         for voice_id in self.voice_ids():
             try:
-                out.append(self.metadata(voice_id))
+                metadata = self.metadata(voice_id)
             except VoiceNotFound:
                 continue  # deleted while listing
-            except InvalidVoiceFile as exc:
-                log.warning("voice file %s.pth is unreadable: %s", voice_id, exc.message)
+            except (InvalidVoiceFile, StorageUnavailable) as exc:
+                log.warning("voice file %s.pth is skipped: %s", voice_id, exc.message)
+                continue
+            if metadata["voice_id"] != voice_id:  # a file copied under another name
+                log.warning("voice file %s.pth is skipped: it holds voice %r", voice_id,
+                            metadata["voice_id"])
+                continue
+            out.append(metadata)
         return out
 
     def voice_ids(self) -> List[str]:
+        """Ids of the regular ``<id>.pth`` files; other entries are skipped and logged."""
+        ids = []
         try:
-            names = [p.stem for p in self.directory.glob("*.pth")]
+            with os.scandir(self.directory) as entries:
+                for entry in entries:
+                    if not entry.name.endswith(".pth") or entry.name.startswith("."):
+                        continue  # not a voice (temporary files of a save in progress among them)
+                    voice_id = entry.name[:-len(".pth")]
+                    if not is_voice_id(voice_id):
+                        log.warning("voices directory: skipped %r (not a valid voice id)",
+                                    entry.name[:80])
+                    elif not entry.is_file():
+                        log.warning("voices directory: skipped %s (not a regular file)", entry.name)
+                    else:
+                        ids.append(voice_id)
+        except FileNotFoundError:
+            return []
         except OSError as exc:
             raise StorageUnavailable(f"cannot list voices: {exc.strerror}") from None
-        return sorted(n for n in names if VOICE_ID_RE.match(n))
+        return sorted(ids)
 
     def count(self) -> Optional[int]:
         try:

@@ -30,13 +30,13 @@ def main(argv=None) -> int:
     from chatterbox_worker.config import load_settings
     from chatterbox_worker.engine import load_engine
     from chatterbox_worker.errors import ConfigError, WorkerError
-    from chatterbox_worker.schemas import VOICE_ID_RE
+    from chatterbox_worker.schemas import is_voice_id
     from chatterbox_worker.voices import VoiceStore
 
     def progress(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    if not VOICE_ID_RE.match(args.output_voice_id):
+    if not is_voice_id(args.output_voice_id):
         print("--output_voice_id must be 1-64 letters, digits, '_' or '-'", file=sys.stderr)
         return 2
     if not args.input_dir.is_dir():

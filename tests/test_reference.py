@@ -35,7 +35,8 @@ def test_stereo_is_mixed_to_mono():
 
 
 @pytest.mark.parametrize("data,needle", [
-    (b"definitely not audio" * 100, "cannot be decoded"),
+    (b"definitely not audio" * 100, "is not a wav, flac, mp3 or ogg file"),
+    (b"RIFF\x24\x00\x00\x00WAVEfmt " + b"\xff" * 40, "cannot be decoded as wav"),
     (b"", "is empty"),
 ])
 def test_undecodable_input_is_invalid_audio(data, needle):

@@ -52,7 +52,7 @@ class Synthesis:
 
 
 class Cancelled(Exception):
-    """The caller asked to stop; raised between pieces."""
+    """The caller asked to stop; raised between decode steps."""
 
 
 def fade_edges(audio: np.ndarray, seconds: float, sample_rate: int) -> np.ndarray:
@@ -139,6 +139,22 @@ class Engine:
             self.model, t3_cond, text_tokens_for(self.model, piece), request.sampling,
             max_new_tokens=max_tokens or token_budget(piece), generator=generator)
 
+    def _decode_piece(self, request: SynthesisRequest, piece: str, generator: torch.Generator,
+                      max_tokens: Optional[int],
+                      cancelled: Optional[Callable[[], bool]]) -> List[int]:
+        """All speech tokens of one piece, checking ``cancelled`` before every decode step."""
+        tokens: List[int] = []
+        steps = self.speech_tokens(request, piece, generator, max_tokens)
+        try:
+            while cancelled is None or not cancelled():
+                token = next(steps, None)
+                if token is None:
+                    return tokens
+                tokens.append(token)
+        finally:
+            steps.close()  # frees the KV cache now, not when the collector runs
+        raise Cancelled()
+
     def new_generator(self, seed: int) -> torch.Generator:
         return torch.Generator(device=self.model.device).manual_seed(seed % SEED_MODULUS)
 
@@ -154,9 +170,7 @@ class Engine:
         with self._lock:
             generator = self.new_generator(request.seed)
             for index, piece in enumerate(pieces):
-                if cancelled is not None and cancelled():
-                    raise Cancelled()
-                tokens = list(self.speech_tokens(request, piece, generator, max_tokens))
+                tokens = self._decode_piece(request, piece, generator, max_tokens, cancelled)
                 n_tokens += len(tokens)
                 tokens = speakable(tokens)
                 n_audio_tokens += len(tokens)
