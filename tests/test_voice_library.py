@@ -112,7 +112,7 @@ def test_list_get_export_import_delete(runner):
 
 
 @pytest.mark.parametrize("source,needle", [
-    ({"audio_base64": b64(b"not audio at all" * 50)}, "invalid_audio: audio_base64 cannot be decoded"),
+    ({"audio_base64": b64(b"not audio at all" * 50)}, "invalid_audio: audio_base64 is not a wav, flac, mp3 or ogg file"),
     ({"audio_base64": "%%%not-base64"}, "invalid_audio: audio_base64 is not valid base64"),
     ({"audio_base64": b64(speech_wav("Hi."))}, "at least 3 s"),
     ({"audio_base64": b64(long_speech_wav(65))}, "at most 60 s"),
