@@ -45,6 +45,7 @@ ENVIRONMENT = {
     "bucket_region": "BUCKET_REGION",
     "s3_url_ttl_s": "S3_URL_TTL_S",
     "s3_key_prefix": "S3_KEY_PREFIX",
+    "s3_timeout_s": "S3_TIMEOUT_S",
     "allow_private_urls": "ALLOW_PRIVATE_URLS",
     "max_concurrency": "MAX_CONCURRENCY",
     "stream_chunk_tokens": "STREAM_CHUNK_TOKENS",
@@ -84,6 +85,10 @@ class Settings(BaseModel):
     bucket_region: Optional[str] = None
     s3_url_ttl_s: int = Field(default=3600, ge=1, le=7 * 24 * 3600)
     s3_key_prefix: str = Field(default="chatterbox", pattern=r"^[A-Za-z0-9._/-]{1,200}$")
+    # Longest wait on the S3 endpoint per request (to connect, hand over data or get the
+    # answer); a timed-out request is not retried, so this bounds how long a silent
+    # endpoint holds up a job (storage.py).
+    s3_timeout_s: float = Field(default=5.0, ge=0.5, le=300)
     allow_private_urls: bool = False
     max_concurrency: Optional[int] = Field(default=None, ge=1, le=64)
     # Streaming schedule: tokens per chunk (25 tokens = 1 s; the last size

@@ -269,6 +269,7 @@ class JobRunner:
         import torch
 
         voices_status = self.voices.status()
+        # Never waits on the endpoint: the last known result, or "checking" (degraded) at start.
         s3_status = "not configured" if self.storage is None else self.storage.status()
         degraded = voices_status != "ok" or s3_status not in ("ok", "not configured")
         return {
@@ -337,9 +338,7 @@ def create_runner(settings: Settings, *, progress: Optional[ProgressCallback] = 
     if status != "ok":
         # Not fatal: generate with the built-in voice still works; health says why.
         log.warning("voice storage unusable: %s", status)
+    # The bucket is checked on a background thread, which logs an unusable one
+    # (storage.py): a silent S3 endpoint must not hold up start-up.
     storage = S3Storage.from_settings(settings)
-    if storage is not None:
-        s3_status = storage.status()
-        if s3_status != "ok":
-            log.warning("S3 output unusable: %s", s3_status)
     return JobRunner(settings, engine, voices, storage=storage, progress=progress)
