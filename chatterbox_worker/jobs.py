@@ -16,6 +16,7 @@ import itertools
 import logging
 import platform
 import secrets
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Iterator, Optional
@@ -27,8 +28,9 @@ from . import __version__
 from .audio import (CONTENT_TYPES, EXTENSIONS, Resampler, bytes_per_second, encode_audio,
                     new_encoder)
 from .config import Settings
-from .engine import Engine, SamplingParams, StreamSchedule, SynthesisRequest
-from .errors import InternalError, InvalidInput, OutputTooLarge, StorageUnavailable, WorkerError
+from .engine import Cancelled, Engine, SamplingParams, StreamSchedule, SynthesisRequest
+from .errors import (InternalError, InvalidInput, OutputTooLarge, StorageUnavailable, WorkerError,
+                     excerpt)
 from .schemas import (GenerateRequest, GetVoiceRequest, HealthRequest, ListVoicesRequest,
                       UploadVoiceRequest, parse_request)
 from .storage import OutputStorage, S3Storage, output_key
@@ -83,8 +85,11 @@ class JobRunner:
             left_context_tokens=settings.stream_left_context_tokens,
             prompt_tokens=settings.stream_prompt_tokens or None)
 
-    def run(self, job: dict) -> Iterator[dict]:
-        """Yield the items of one job; the last one is its result or its error."""
+    def run(self, job: dict, cancel: Optional[threading.Event] = None) -> Iterator[dict]:
+        """Yield the items of one job; the last one is its result or its error.
+
+        Setting ``cancel`` stops a one-shot synthesis at its next decode step
+        (a streamed one stops when this generator is closed)."""
         job_id = str(job.get("id", "-")) if isinstance(job, dict) else "-"
         summary = JobSummary(job_id)
         started = time.perf_counter()
@@ -94,7 +99,7 @@ class JobRunner:
             summary.action = request.action
             summary.voice = getattr(request, "voice_id", None) or "-"
             if isinstance(request, GenerateRequest):
-                yield from self._generate(job, request, summary)
+                yield from self._generate(job, request, summary, cancel)
             elif isinstance(request, HealthRequest):
                 yield self.health()
             elif isinstance(request, UploadVoiceRequest):
@@ -108,6 +113,8 @@ class JobRunner:
         except WorkerError as exc:
             summary.outcome = exc.code
             yield exc.as_item()
+        except Cancelled:  # nobody reads this job's items any more
+            summary.outcome = "cancelled"
         except GeneratorExit:
             summary.outcome = "cancelled"
             raise
@@ -129,7 +136,8 @@ class JobRunner:
         job's generator is closed at once, which stops decoding and releases
         the model, instead of waiting for the garbage collector.
         """
-        items = self.run(job)
+        cancel = threading.Event()
+        items = self.run(job, cancel)
         loop = asyncio.get_running_loop()
         step: Optional[concurrent.futures.Future] = None
         try:
@@ -141,6 +149,7 @@ class JobRunner:
                 yield item
         finally:
             if step is not None and not step.done():
+                cancel.set()  # a one-shot synthesis in progress stops at its next decode step
                 await loop.run_in_executor(None, concurrent.futures.wait, [step])
             await loop.run_in_executor(None, items.close)
 
@@ -155,12 +164,16 @@ class JobRunner:
             return voice
         return self.voices.load(request.voice_id).conditionals
 
-    def _generate(self, job: dict, request: GenerateRequest, summary: JobSummary) -> Iterator[dict]:
+    def _generate(self, job: dict, request: GenerateRequest, summary: JobSummary,
+                  cancel: Optional[threading.Event] = None) -> Iterator[dict]:
         if request.language != "en":
-            raise InvalidInput(f"language '{request.language}' needs the multilingual model; "
-                               f"this worker serves the {self.engine.model.variant} model (en only)")
+            raise InvalidInput(f"language '{excerpt(request.language, 20)}' needs the multilingual "
+                               f"model; this worker serves the {self.engine.model.variant} model "
+                               f"(en only)")
         if request.output == "s3" and self.storage is None:
             raise StorageUnavailable(NO_S3)
+        if not request.stream:
+            self._check_inline_size(request)
         summary.voice = request.voice_id or "builtin"
         voice = self._voice(request)
         seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
@@ -179,7 +192,8 @@ class JobRunner:
                 if total > 1:
                     self.progress(job, {"pieces_done": done, "pieces_total": total})
         started = time.perf_counter()
-        synthesis = self.engine.synthesize(synth_request, progress=progress)
+        synthesis = self.engine.synthesize(synth_request, progress=progress,
+                                           cancelled=cancel.is_set if cancel else None)
         audio = encode_audio(synthesis.audio, synthesis.sample_rate, request.format,
                              request.sample_rate)
         total_s = time.perf_counter() - started
@@ -201,6 +215,18 @@ class JobRunner:
         item.update({"voice_id": request.voice_id, "seed": seed,
                      "timings": timings(ttfa_s=total_s, total_s=total_s, duration_s=duration)})
         yield item
+
+    def _check_inline_size(self, request: GenerateRequest) -> None:
+        """Refuse, before any synthesis, a one-shot job whose audio can only end up too large."""
+        if request.output == "s3" or (request.output == "auto" and self.storage is not None):
+            return  # the bucket takes any size
+        estimate = estimated_audio_bytes(request.text, request.format, request.sample_rate)
+        limit = self.settings.inline_max_bytes
+        if estimate > limit:
+            raise OutputTooLarge(
+                f"about {estimate} bytes of {request.format} expected, above INLINE_MAX_BYTES "
+                f"({limit}); use format 'opus' or 'mp3', shorter text, or output 's3'"
+                + ("" if self.storage else " with S3 configured"))
 
     def _upload(self, job: dict, fmt: str, audio: bytes) -> str:
         """Put the whole take in the bucket; its presigned GET URL."""
@@ -295,11 +321,19 @@ MAX_CHUNK_BYTES = 512 * 1024
 ESTIMATE_CHARS_PER_SECOND = 12.0
 
 
+def _estimated_seconds(text: str) -> float:
+    return len(text) / ESTIMATE_CHARS_PER_SECOND + 1.0
+
+
+def estimated_audio_bytes(text: str, fmt: str, sample_rate: int) -> int:
+    """Expected size of the encoded audio of ``text`` (what INLINE_MAX_BYTES counts)."""
+    return int(_estimated_seconds(text) * bytes_per_second(fmt, sample_rate))
+
+
 def estimated_stream_bytes(text: str, fmt: str, sample_rate: int) -> int:
     """Expected size of a streamed job's collected items (base64 audio plus item overhead)."""
-    seconds = len(text) / ESTIMATE_CHARS_PER_SECOND + 1.0
-    audio = seconds * bytes_per_second(fmt, sample_rate)
-    return int(audio * 4 / 3 + 200 * (seconds + 4))
+    seconds = _estimated_seconds(text)
+    return int(estimated_audio_bytes(text, fmt, sample_rate) * 4 / 3 + 200 * (seconds + 4))
 
 
 def split_bytes(data: bytes, size: int):
