@@ -537,3 +537,28 @@ def test_fuzzed_job_inputs_yield_valid_items_or_exactly_one_error(engine, tmp_pa
     check()
     print(f"\nfuzzed job inputs by outcome: {outcomes}")
     assert outcomes.get("ok") and outcomes.get("invalid_input")  # both sides were reached
+
+
+# -- soak -----------------------------------------------------------------------------
+
+def test_memory_stays_flat_over_hundreds_of_mixed_jobs(runner):
+    """Refusals of every kind interleaved with real synthesis: nothing accumulates per job."""
+    rotation = [
+        {"action": "upload_voice", "voice_id": "v", "audio_base64": b64(wav_claiming(rate=1))},
+        {"action": "upload_voice", "voice_id": "v", "audio_base64": b64(FFCONCAT)},
+        {"action": "upload_voice", "voice_id": "v", "audio_url": "http://100.64.0.1/a.wav"},
+        {"text": "Bell\x07"},
+        {"action": "get_voice", "voice_id": "missing"},
+        {"text": "Soak test.", "seed": 4, "format": "mp3"},
+    ]
+    rss = []
+    for n in range(300):
+        items = list(runner.run({"id": f"soak-{n}", "input": rotation[n % len(rotation)]}))
+        assert len(items) == 1
+        if n % len(rotation) == len(rotation) - 1:
+            assert items[0]["type"] == "result", items
+            rss.append(_status_kib("VmRSS") * 1024)
+    warm = rss[len(rss) // 5]  # after the first fifth: caches and allocator pools are filled
+    print(f"\nsoak: 300 jobs, RSS after warm-up {warm / 2**20:.0f} MiB, "
+          f"at most {max(rss[len(rss) // 5:]) / 2**20:.0f} MiB, at the end {rss[-1] / 2**20:.0f} MiB")
+    assert max(rss[len(rss) // 5:]) - warm < 100 * 1024 * 1024, [r // 2**20 for r in rss]
