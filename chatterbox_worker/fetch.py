@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Union
 from urllib.parse import urljoin, urlsplit
 
-from .errors import InvalidAudio, InvalidInput
+from .errors import InvalidAudio, InvalidInput, excerpt
 
 MAX_REDIRECTS = 3
 CONNECT_TIMEOUT_S = 5.0        # per connection attempt (one resolved address)
@@ -181,8 +181,7 @@ _HOST_NAME = re.compile(r"[a-z0-9_.-]+")
 
 
 def _excerpt(text: str) -> str:
-    """At most _EXCERPT_CHARS of ``text``, with a visible mark where it was cut."""
-    return text if len(text) <= _EXCERPT_CHARS else text[:_EXCERPT_CHARS - 1] + "…"
+    return excerpt(text, _EXCERPT_CHARS)
 
 
 def _parse(url: object, what: str) -> _Target:
