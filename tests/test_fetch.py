@@ -187,7 +187,7 @@ def test_error_messages_echo_only_a_short_excerpt_of_the_host():
     message = caught.value.message
     assert "…" in message and host not in message
     assert "more characters]" in message  # the marker says how much was cut
-    assert len(message) < 60 + len("… [999 more characters]") + len(
+    assert len(message) <= 60 + len("… [999 more characters]") + len(
         "audio_url host '' is a private or local address; only public URLs are fetched")
 
 
