@@ -30,7 +30,7 @@ def test_runsync_returns_a_wav_and_the_same_seed_gives_the_same_bytes(worker):
 
 def test_run_then_status(worker):
     queued = worker.post("/run", {"input": {"text": "Queued job.", "seed": 3, "format": "flac"}})
-    assert queued["status"] == "IN_PROGRESS" or "id" in queued
+    assert queued["status"] == "IN_PROGRESS" and queued["id"]
     done = worker.post(f"/status/{queued['id']}")
     assert done["status"] == "COMPLETED"
     [item] = done["output"]
@@ -94,9 +94,16 @@ def test_voice_life_cycle(worker):
     assert call(action="get_voice", voice_id="e2e-voice")["model"] == made["model"]
     exported = call(action="get_voice", voice_id="e2e-voice", export=True)["voice_base64"]
     assert call(action="upload_voice", voice_id="e2e-copy", voice_base64=exported)["voice_id"] == "e2e-copy"
-    for voice in ("e2e-voice", "e2e-copy"):
-        assert call(text="Speaking with a stored voice.", voice_id=voice, seed=2)["type"] == "result"
+    text = "Speaking with a stored voice."
+    said = {voice: call(text=text, voice_id=voice, seed=2) for voice in ("e2e-voice", "e2e-copy")}
+    assert [said[v]["voice_id"] for v in said] == ["e2e-voice", "e2e-copy"]
+    builtin = call(text=text, seed=2)
+    # The copy holds the same conditionals: the same take, and not the built-in voice's.
+    assert said["e2e-voice"]["audio_base64"] == said["e2e-copy"]["audio_base64"]
+    assert said["e2e-voice"]["audio_base64"] != builtin["audio_base64"]
     assert call(action="delete_voice", voice_id="e2e-voice") == {"deleted": "e2e-voice"}
     assert call(text="Again.", voice_id="e2e-voice") == {
         "error": "voice_not_found: Voice 'e2e-voice' not found."}
-    assert call(text="The copy lives on.", voice_id="e2e-copy")["type"] == "result"
+    lives_on = call(text=text, voice_id="e2e-copy", seed=2)
+    assert lives_on["voice_id"] == "e2e-copy"
+    assert lives_on["audio_base64"] == said["e2e-copy"]["audio_base64"]
