@@ -10,6 +10,11 @@ It serves both sides of the platform over real HTTP on loopback:
 
 Jobs are kept in memory with their status, streamed items and output, the
 way the platform reports them (stream items handed out once each).
+
+For cancellation tests a job's stream can be held (``hold_stream_of_next_job``):
+from its n-th item on, a stream post is answered only once the worker has acted
+on the job's stop signal, so the test decides where the job stands when the stop
+arrives instead of racing the worker's decoding against the stop channel.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from urllib.parse import urlsplit
 
 ENDPOINT = "test-endpoint"
 WORKER = "worker-1"
+HOLD_LIMIT_S = 300  # a held stream post is answered after this at the latest
 
 
 class Job:
@@ -38,6 +44,11 @@ class Job:
         self.done_at = None
         self.stream_posts_after_cancel = 0
         self.progress = []  # progress_update payloads, in order
+        self.stream_posts = 0  # every stream post, before or after a cancel
+        self.hold_after = None  # hold stream posts once this many were answered
+        self.held = 0  # stream posts that were held
+        self.stop_delivered = False  # the worker's stop poll has returned this job's id
+        self.stop_acted_on = False  # ...and the worker has polled again since: it acted on it
 
 
 class FakeRunPod:
@@ -45,6 +56,8 @@ class FakeRunPod:
         self.jobs = {}
         self.queue = []
         self.to_stop = []
+        self.next_hold_after = None
+        self.closing = False
         self.lock = threading.Condition()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.port = self.server.server_address[1]
@@ -64,14 +77,36 @@ class FakeRunPod:
         }
 
     def stop(self):
+        with self.lock:
+            self.closing = True  # answer every held post
+            self.lock.notify_all()
         self.server.shutdown()
         self.server.server_close()
+
+    # -- test controls -------------------------------------------------------
+
+    def hold_stream_of_next_job(self, after: int) -> None:
+        """The next submitted job's stream posts are held from its ``after``+1-th on, until
+        the worker has acted on that job's stop signal."""
+        with self.lock:
+            self.next_hold_after = after
+
+    def wait_until_held(self, job_id, timeout=HOLD_LIMIT_S) -> bool:
+        """Block until the worker is waiting on a held stream post of ``job_id``."""
+        with self.lock:
+            return self.lock.wait_for(lambda: self.jobs[job_id].held > 0, timeout=timeout)
+
+    def wait_until_stop_acted_on(self, job_id, timeout=HOLD_LIMIT_S) -> bool:
+        """Block until the worker has taken ``job_id``'s stop signal and polled again."""
+        with self.lock:
+            return self.lock.wait_for(lambda: self.jobs[job_id].stop_acted_on, timeout=timeout)
 
     # -- state changes, under the lock --------------------------------------
 
     def submit(self, job_input) -> Job:
         with self.lock:
             job = Job(job_input)
+            job.hold_after, self.next_hold_after = self.next_hold_after, None
             self.jobs[job.id] = job
             self.queue.append(job)
             self.lock.notify_all()
@@ -87,9 +122,31 @@ class FakeRunPod:
 
     def stop_signals(self, wait_s=2.0):
         with self.lock:
+            # The SDK polls again only after it has stopped every job the last poll named.
+            for job in self.jobs.values():
+                if job.stop_delivered and not job.stop_acted_on:
+                    job.stop_acted_on = True
+                    self.lock.notify_all()
             self.lock.wait_for(lambda: self.to_stop, timeout=wait_s)
             ids, self.to_stop = self.to_stop, []
+            for job_id in ids:
+                self.jobs[job_id].stop_delivered = True
             return ids
+
+    def post_stream(self, job_id, item):
+        """Record one stream post; hold it first if the job's stream is held."""
+        with self.lock:
+            job = self.jobs[job_id]
+            job.stream_posts += 1
+            if job.status == "CANCELLED":
+                job.stream_posts_after_cancel += 1
+            else:
+                job.stream.append(item)
+                job.first_stream_at = job.first_stream_at or time.monotonic()
+            if job.hold_after is not None and job.stream_posts > job.hold_after:
+                job.held += 1
+                self.lock.notify_all()
+                self.lock.wait_for(lambda: job.stop_acted_on or self.closing, timeout=HOLD_LIMIT_S)
 
     def cancel(self, job_id):
         with self.lock:
@@ -168,14 +225,11 @@ class FakeRunPod:
                 body = self._body()
                 if kind == "job-stream":
                     data = json.loads(body or b"{}")
-                    with fake.lock:
-                        job = fake.jobs[route[-1]]
-                        if job.status == "CANCELLED":
-                            job.stream_posts_after_cancel += 1
-                        else:
-                            job.stream.append(data.get("output"))
-                            job.first_stream_at = job.first_stream_at or time.monotonic()
-                    return self._send(200, {})
+                    fake.post_stream(route[-1], data.get("output"))
+                    try:
+                        return self._send(200, {})
+                    except (BrokenPipeError, ConnectionResetError):
+                        return None  # a held post the stopped worker gave up on
                 if kind == "job-done":
                     data = json.loads(body or b"{}")
                     with fake.lock:

@@ -81,27 +81,37 @@ def test_failed_job_is_failed_with_our_error_string(endpoint, platform):
     assert platform.jobs[job.job_id].error == "voice_not_found: Voice 'nobody' not found."
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "jobs.JobRunner.run_async: when RunPod stops a job while the SDK is posting an item the "
+    "job yielded, the job's task is cancelled outside run_async, so nothing closes its "
+    "generator until the garbage collector does; the engine stays locked meanwhile"))
 def test_cancel_stops_decoding(endpoint, platform):
+    # The queue holds the job's second stream post until the worker has acted on the stop
+    # signal: the stop finds the job mid-stream at a known point, whatever the speed of
+    # decoding or of the stop channel (polled by the SDK with pauses of up to a second).
+    platform.hold_stream_of_next_job(after=1)
     job = endpoint.run({"text": LONG, "stream": True, "seed": 2})
-    for item in job.stream():
-        if item.get("type") == "chunk":
-            break
-    job.cancel()
+    assert platform.wait_until_held(job.job_id), "the worker never posted a second chunk"
     state = platform.jobs[job.job_id]
-    cancelled_at = time.monotonic()
+    assert next(item for item in job.stream() if "type" in item)["type"] == "chunk"
+    job.cancel()
+    assert platform.wait_until_stop_acted_on(job.job_id), "the worker never took the stop signal"
     line = f"job={job.job_id} "
-    while line not in platform.log_path.read_text(errors="replace") \
-            and time.monotonic() < cancelled_at + 120:
+    # Closing needs no decoding (the step had ended when the post was held), so this
+    # bound only stops a wait on a job that is never closed; it is not a speed requirement.
+    deadline = time.monotonic() + 30
+    while line not in platform.log_path.read_text(errors="replace") and time.monotonic() < deadline:
         time.sleep(0.2)
     log = platform.log_path.read_text(errors="replace")
-    [summary] = [entry for entry in log.splitlines() if line in entry]
+    [summary] = [entry for entry in log.splitlines() if line in entry] or ["(no summary line)"]
+    # The job's generator was closed (not run to its end, not left to the garbage collector)
     assert "outcome=cancelled" in summary
-    # The job's generator is closed as soon as the step in progress ends:
-    # well within the time of one chunk, not when the garbage collector runs.
-    assert time.monotonic() - cancelled_at < 30
-    # Decoding stopped within a chunk: at most one more item reached the queue.
-    assert state.stream_posts_after_cancel <= 1
-    assert endpoint.run_sync({"action": "health"}, timeout=300)[0]["status"] == "ok"
+    # ...where the stop found it: nothing reached the queue after the cancel.
+    assert state.held == 1
+    assert state.stream_posts_after_cancel == 0 and len(state.stream) == 2
+    assert job.status() == "CANCELLED"
+    # The model is free for the next job.
+    assert endpoint.run_sync({"text": "Next job.", "seed": 1}, timeout=300)[-1]["type"] == "result"
 
 
 def test_long_one_shot_job_reports_progress(endpoint, platform):
