@@ -14,19 +14,23 @@ TEXT = "Hello there, this is a streaming test of the chunked vocoder."
 LONG = " ".join(f"This is sentence {i} of a longer narration, with a clause." for i in range(6))
 
 # How close streamed audio is to the one-shot take of the same tokens, on the
-# seed-0 tiny checkpoint (TEXT, seed 3). Figures measured with this code:
+# seed-0 tiny checkpoint (TEXT, seed 3). Figures measured with this code, and
+# with the breakages these tests must catch:
 #
-# - as served, default schedule: waveform SNR 13.2 dB, log-mel distance 2.18 dB.
-#   HiFT draws its excitation (random phases and noise) afresh for every chunk,
-#   which dominates this difference and hides what chunking itself does: one
-#   token of left context or no crossfade moves these figures by under 0.1 dB.
-# - with HiFT's excitation made deterministic (``quiet_source``) and many seams
-#   (chunks of 8 then 16 tokens): SNR 32.8 dB, log-mel 0.56 dB. With one token
-#   of left context: 28.8 dB, 0.88 dB (with no crossfade as well: 29.0 dB,
-#   0.86 dB). Removing only the crossfade leaves these unchanged (32.7 dB,
-#   0.57 dB): chunks that agree need none; the seam test below catches it.
+#                                     as served          HiFT noise off, chunks of 8, 16
+#                                     SNR    log-mel     SNR    log-mel   (all in dB)
+#   this code                         13.3   2.18        32.8   0.56
+#   1 token of left context           13.2   2.20        28.8   0.88
+#   crossfade removed                 13.2   2.18        32.7   0.57
+#   both                              13.1   2.22        22.2   1.13
 #
-# bench/RESULTS.md reports the figures of the released weights.
+# As served, HiFT draws its excitation (random phases and noise) afresh for
+# every chunk; that dominates the difference and hides what chunking does, so
+# those figures only guard against gross regressions. With the excitation made
+# deterministic (``quiet_source``) and many seams, losing the left context
+# shows. Chunks that agree need no crossfade, so removing it changes neither
+# figure: the seam test below catches that. bench/RESULTS.md reports the
+# figures of the released weights.
 MIN_SNR_DB = 11.0
 MAX_LOG_MEL_DB = 2.5
 QUIET_MIN_SNR_DB = 31.0
