@@ -131,15 +131,35 @@ class JobRunner:
         """``run`` for the SDK's event loop: each step runs in a worker thread.
 
         The loop stays free for RunPod's pings and stop signals while audio is
-        made. When RunPod cancels the job (its task is cancelled at the await),
-        the step in progress is allowed to finish (at most one chunk) and the
-        job's generator is closed at once, which stops decoding and releases
-        the model, instead of waiting for the garbage collector.
+        made. When RunPod cancels the job, the job is closed at once, which
+        stops decoding and releases the model, instead of when the garbage
+        collector finds it: a one-shot synthesis stops at its next decode step,
+        a stream after the chunk in progress. That holds wherever the
+        cancellation lands: at our await (the step in progress), or in the SDK
+        while it posts an item we yielded, when this generator is never resumed.
         """
         cancel = threading.Event()
         items = self.run(job, cancel)
         loop = asyncio.get_running_loop()
         step: Optional[concurrent.futures.Future] = None
+        closing = threading.Lock()
+
+        def close_job() -> None:  # idempotent; runs off the event loop
+            cancel.set()
+            if step is not None:
+                concurrent.futures.wait([step])
+            with closing:
+                items.close()
+
+        job_task = asyncio.current_task()
+
+        def on_job_task_done(_task) -> None:
+            # Reached only when the job's task ended without this generator
+            # finishing: the SDK was cancelled while it held one of our items.
+            loop.run_in_executor(None, close_job)
+
+        if job_task is not None:
+            job_task.add_done_callback(on_job_task_done)
         try:
             while True:
                 step = self._executor.submit(next, items, _END)
@@ -148,10 +168,9 @@ class JobRunner:
                     return
                 yield item
         finally:
-            if step is not None and not step.done():
-                cancel.set()  # a one-shot synthesis in progress stops at its next decode step
-                await loop.run_in_executor(None, concurrent.futures.wait, [step])
-            await loop.run_in_executor(None, items.close)
+            if job_task is not None:
+                job_task.remove_done_callback(on_job_task_done)
+            await loop.run_in_executor(None, close_job)
 
     # -- generate -----------------------------------------------------------
 

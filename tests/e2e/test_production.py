@@ -81,10 +81,6 @@ def test_failed_job_is_failed_with_our_error_string(endpoint, platform):
     assert platform.jobs[job.job_id].error == "voice_not_found: Voice 'nobody' not found."
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "jobs.JobRunner.run_async: when RunPod stops a job while the SDK is posting an item the "
-    "job yielded, the job's task is cancelled outside run_async, so nothing closes its "
-    "generator until the garbage collector does; the engine stays locked meanwhile"))
 def test_cancel_stops_decoding(endpoint, platform):
     # The queue holds the job's second stream post until the worker has acted on the stop
     # signal: the stop finds the job mid-stream at a known point, whatever the speed of
