@@ -1,5 +1,6 @@
 """scripts/clone_voice.py on a folder of real speech: segments, drops, and a voice the worker uses."""
 
+import base64
 import io
 import json
 import subprocess
@@ -9,8 +10,10 @@ import wave
 import numpy as np
 import pytest
 
+from chatterbox_worker.audio import encode_audio
 from chatterbox_worker.cloning import segments_at_pauses
 from chatterbox_worker.config import load_settings
+from chatterbox_worker.engine import SynthesisRequest
 from chatterbox_worker.jobs import JobRunner
 from chatterbox_worker.voices import VoiceStore
 from tests.conftest import ROOT, worker_env
@@ -80,8 +83,17 @@ def test_clone_voice_script_makes_a_voice_the_worker_lists_and_speaks_with(recor
                                                     variant="original"))
     [listed] = list(runner.run({"id": "l", "input": {"action": "list_voices"}}))
     assert [v["voice_id"] for v in listed["voices"]] == ["narrator"]
-    [spoken] = list(runner.run({"id": "g", "input": {"text": "Cloned.", "voice_id": "narrator"}}))
-    assert spoken["type"] == "result"
+    [spoken] = list(runner.run({"id": "g", "input": {"text": "Cloned.", "voice_id": "narrator",
+                                                      "seed": 3}}))
+    assert spoken["type"] == "result" and spoken["voice_id"] == "narrator"
+    # The cloned voice is the one that spoke: the engine's take with the stored
+    # conditionals, and not the built-in voice's.
+    voice = runner.voices.load("narrator").conditionals
+    take = engine.synthesize(SynthesisRequest(text="Cloned.", voice=voice, seed=3))
+    assert spoken["audio_base64"] == base64.b64encode(
+        encode_audio(take.audio, take.sample_rate, "wav", 24000)).decode("ascii")
+    [builtin] = list(runner.run({"id": "b", "input": {"text": "Cloned.", "seed": 3}}))
+    assert builtin["audio_base64"] != spoken["audio_base64"]
 
     again = subprocess.run([sys.executable, "scripts/clone_voice.py", "--input_dir", str(recordings),
                             "--output_voice_id", "narrator"], cwd=ROOT, env=env,
