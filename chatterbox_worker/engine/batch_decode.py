@@ -186,7 +186,9 @@ class BatchDecoder:
             else:
                 groups.append([row, 1, seq.rows])
             row += seq.rows
-        self._groups = groups
+
+        def linear(x: torch.Tensor, module: torch.nn.Linear) -> torch.Tensor:
+            return self._linear(x, module, groups)
 
         hidden = torch.cat([seq.pending for seq in seqs])  # (rows, 1, dim)
         # Rotary tables per request, as HF computes them for one request: the
@@ -203,9 +205,9 @@ class BatchDecoder:
             residual = hidden
             x = layer.input_layernorm(hidden)
             shape = (*x.shape[:-1], -1, attn.head_dim)
-            q = self._linear(x, attn.q_proj).view(shape).transpose(1, 2)
-            k = self._linear(x, attn.k_proj).view(shape).transpose(1, 2)
-            v = self._linear(x, attn.v_proj).view(shape).transpose(1, 2)
+            q = linear(x, attn.q_proj).view(shape).transpose(1, 2)
+            k = linear(x, attn.k_proj).view(shape).transpose(1, 2)
+            v = linear(x, attn.v_proj).view(shape).transpose(1, 2)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             outs = []
             for seq, rows in zip(seqs, bounds):
@@ -214,22 +216,26 @@ class BatchDecoder:
                 out, _ = attention(attn, q[rows], keys, values, None, dropout=0.0, scaling=attn.scaling)
                 outs.append(out)
             x = torch.cat(outs).reshape(*x.shape[:-1], -1).contiguous()
-            hidden = residual + self._linear(x, attn.o_proj)
+            hidden = residual + linear(x, attn.o_proj)
 
             residual = hidden
             x = layer.post_attention_layernorm(hidden)
             mlp = layer.mlp
-            x = self._linear(mlp.act_fn(self._linear(x, mlp.gate_proj)) * self._linear(x, mlp.up_proj),
+            x = linear(mlp.act_fn(linear(x, mlp.gate_proj)) * linear(x, mlp.up_proj),
                              mlp.down_proj)
             hidden = residual + x
         hidden = tfmr.norm(hidden)
-        logits = self._linear(hidden[:, -1, :], t3.speech_head)
+        logits = linear(hidden[:, -1, :], t3.speech_head)
         for seq, rows in zip(seqs, bounds):
             seq.logits = logits[rows]
             seq.pending = None
 
-    def _linear(self, x: torch.Tensor, linear: torch.nn.Linear) -> torch.Tensor:
-        """``linear(x)`` over all rows, each request's block computed as if alone (``exact``)."""
+    def _linear(self, x: torch.Tensor, linear: torch.nn.Linear, groups) -> torch.Tensor:
+        """``linear(x)`` over all rows; with ``exact``, each request's block as if alone.
+
+        ``groups`` lists runs of requests with equally many rows as
+        ``[first row, requests, rows each]``.
+        """
         if linear.bias is not None:
             raise ValueError("projections with a bias are not supported (T3's Llama has none)")
         if not self.exact:
@@ -237,7 +243,7 @@ class BatchDecoder:
         flat = x.reshape(-1, x.shape[-1])
         weight = linear.weight.t()
         parts = []
-        for start, count, rows in self._groups:
+        for start, count, rows in groups:
             block = flat[start:start + count * rows].view(count, rows, -1)
             # bmm runs the product of each block with the kernel a (rows, in)
             # input alone gets; the weight is shared, not copied (expand).
