@@ -63,7 +63,7 @@ def default_voices_dir() -> Path:
 
 
 class Settings(BaseModel):
-    """Everything configurable about the worker. Defaults are those of API.md."""
+    """Everything configurable about the worker. Defaults are those of docs/API.md."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -1,6 +1,6 @@
 """One exception tree for everything a job can fail with.
 
-Each class carries the API error code of ``API.md``; ``jobs`` turns any of them
+Each class carries the API error code of ``docs/API.md``; ``jobs`` turns any of them
 into the single ``{"error": "<code>: <message>"}`` item a failed job yields.
 """
 

@@ -2,7 +2,7 @@
 
 The only module that knows the job dict: it validates the input, calls the
 engine and the voice store, encodes the audio and shapes the items of
-API.md. Every failure becomes exactly one ``{"error": "<code>: <message>"}``
+docs/API.md. Every failure becomes exactly one ``{"error": "<code>: <message>"}``
 item; no exception escapes to the SDK.
 """
 
@@ -255,7 +255,7 @@ class JobRunner:
 
     def _stream(self, job: dict, request: GenerateRequest, synth_request: SynthesisRequest,
                 summary: JobSummary) -> Iterator[dict]:
-        """Chunk items as audio is made, then the result item (API.md, stream: true)."""
+        """Chunk items as audio is made, then the result item (docs/API.md, stream: true)."""
         estimate = estimated_stream_bytes(request.text, request.format, request.sample_rate)
         limit = self.settings.aggregate_max_bytes
         if estimate > limit:

@@ -1,4 +1,4 @@
-"""Pydantic models of every action's input (the API.md contract).
+"""Pydantic models of every action's input (the contract in docs/API.md).
 
 Validation errors become one ``invalid_input`` message naming the field, so a
 client learns what to fix from the error alone.

@@ -1,4 +1,4 @@
-"""The voice actions of API.md: upload (from audio, a URL or an exported file), get, list, delete.
+"""The voice actions of docs/API.md: upload (from audio, a URL or an exported file), get, list, delete.
 
 Takes validated requests, returns result items; the voice files themselves are
 ``voices.VoiceStore``'s, the reference audio ``reference``'s, the model work

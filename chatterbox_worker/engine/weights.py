@@ -1,4 +1,4 @@
-"""Where the model weights come from, in the order API.md gives.
+"""Where the model weights come from, in the order docs/API.md gives.
 
 1. ``CHATTERBOX_MODEL_DIR``: a local checkpoint directory (upstream layout);
 2. weights baked into the image (``CHATTERBOX_BAKED_DIR``);
