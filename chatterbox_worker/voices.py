@@ -267,11 +267,16 @@ class VoiceStore:
                 self._cache.popitem(last=False)
         return parsed
 
-    def load(self, voice_id: str) -> StoredVoice:
-        """The voice as stored now; ``VoiceNotFound`` or ``InvalidVoiceFile`` otherwise."""
-        cached = self._parse_cached(self._read(voice_id))
+    def _stored(self, voice_id: str, data: bytes) -> StoredVoice:
+        """The parsed file of ``voice_id``, which must hold that voice (not a copy of another)."""
+        cached = self._parse_cached(data)
         if cached.voice_id != voice_id:
             raise InvalidVoiceFile(f"file {voice_id}.pth holds voice '{cached.voice_id}'")
+        return cached
+
+    def load(self, voice_id: str) -> StoredVoice:
+        """The voice as stored now; ``VoiceNotFound`` or ``InvalidVoiceFile`` otherwise."""
+        cached = self._stored(voice_id, self._read(voice_id))
         if cached.model != self.model_signature:
             raise InvalidVoiceFile(
                 f"voice '{voice_id}' was made for model {cached.model}; this worker runs "
@@ -328,13 +333,12 @@ class VoiceStore:
     def read_file(self, voice_id: str) -> bytes:
         """The stored file's bytes (for export), checked like any load."""
         data = self._read(voice_id)
-        parse_voice_file(data)
+        self._stored(voice_id, data)
         return data
 
     def metadata(self, voice_id: str) -> dict:
         """A voice's metadata; a voice for another model is listed, not refused."""
-        data = self._read(voice_id)
-        return self._parse_cached(data).metadata()
+        return self._stored(voice_id, self._read(voice_id)).metadata()
 
     def list_metadata(self) -> List[dict]:
         """Metadata of every readable voice, sorted by id; unreadable files are logged and skipped."""
@@ -344,12 +348,8 @@ class VoiceStore:
                 metadata = self.metadata(voice_id)
             except VoiceNotFound:
                 continue  # deleted while listing
-            except (InvalidVoiceFile, StorageUnavailable) as exc:
+            except (InvalidVoiceFile, StorageUnavailable) as exc:  # a copy under another name too
                 log.warning("voice file %s.pth is skipped: %s", voice_id, exc.message)
-                continue
-            if metadata["voice_id"] != voice_id:  # a file copied under another name
-                log.warning("voice file %s.pth is skipped: it holds voice %r", voice_id,
-                            metadata["voice_id"])
                 continue
             out.append(metadata)
         return out

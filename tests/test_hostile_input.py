@@ -409,7 +409,10 @@ def test_foreign_entries_in_the_voices_directory_are_skipped(runner, engine, for
         refuse(runner, {"action": "get_voice", "voice_id": voice_id}, "invalid_voice_file",
                voice_id)
         refuse(runner, {"text": "Hello.", "voice_id": voice_id}, "invalid_voice_file", voice_id)
-    refuse(runner, {"text": "Hello.", "voice_id": "copied"}, "invalid_voice_file", "holds voice")
+    for job_input in ({"text": "Hello.", "voice_id": "copied"},
+                      {"action": "get_voice", "voice_id": "copied"},
+                      {"action": "get_voice", "voice_id": "copied", "export": True}):
+        refuse(runner, job_input, "invalid_voice_file", "holds voice 'good'")
     health = list(runner.run({"id": "h", "input": {"action": "health"}}))[0]
     # Counted without being read (good, copied, huge); listing reads and skips.
     assert health["voices"] == 3 and health["storage"]["voices"] == "ok"
