@@ -96,3 +96,15 @@ def test_readme_documents_every_environment_variable():
     table = readme[readme.index("## Environment variables"):]
     missing = [v for v in ENVIRONMENT.values() if f"`{v}`" not in table]
     assert not missing, missing
+
+
+def test_the_contract_documents_every_setting_and_error_code():
+    """docs/API.md is the reference clients read: it names every variable and every code."""
+    from chatterbox_worker import errors
+
+    contract = (ROOT / "docs" / "API.md").read_text()
+    missing = [v for v in ENVIRONMENT.values() if f"`{v}`" not in contract]
+    codes = {cls.code for cls in vars(errors).values()
+             if isinstance(cls, type) and issubclass(cls, errors.WorkerError)}
+    missing += [code for code in sorted(codes) if f"`{code}`" not in contract]
+    assert not missing, missing
