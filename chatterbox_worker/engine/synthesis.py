@@ -17,7 +17,9 @@ import torch
 
 from .conditionals import S3GEN_SR, VoiceConditionals, build_conditionals, from_upstream
 from .decode import SamplingParams, decode_speech_tokens, text_tokens_for
+from .batch_decode import DecodeRequest
 from .model import ChatterboxModel
+from .scheduler import Scheduler
 from .text import split_text, token_budget
 from .vocoder import StreamingVocoder, StreamSchedule, Watermarker, speakable, vocode_whole
 
@@ -111,16 +113,26 @@ class _PieceEdges:
 
 
 class Engine:
-    """The warm model and what it can do for one request at a time."""
+    """The warm model and what it can do for each request; safe to call from many threads."""
 
     sample_rate = S3GEN_SR
 
     def __init__(self, model: ChatterboxModel, *, watermark: bool = True):
         self.model = model
         self.watermarker = Watermarker(watermark)
-        # S3Gen draws from torch's global generator and the model is not
-        # re-entrant: one synthesis at a time per process.
+        # T3 decoding of every job runs on the scheduler's one thread, where
+        # concurrent jobs share each step (continuous batching). S3Gen draws
+        # from torch's global generator (inside a saved and restored state) and
+        # is not re-entrant, nor is building a voice: those take this lock, one
+        # vocoder call at a time, so that one job's vocoding never waits for
+        # another's whole take, only for the call in progress.
         self._lock = threading.Lock()
+        self._scheduler: Optional[Scheduler] = None
+        self._scheduler_guard = threading.Lock()
+        # Backbones the BatchDecoder does not support decode with the
+        # single-request loop, one piece at a time.
+        self._batched = not getattr(model.t3, "is_gpt", False)
+        self._decode_lock = threading.Lock()
         self._builtin = from_upstream(model.builtin_voice) if model.builtin_voice is not None else None
 
     @property
@@ -133,11 +145,37 @@ class Engine:
 
     def speech_tokens(self, request: SynthesisRequest, piece: str, generator: torch.Generator,
                       max_tokens: Optional[int] = None):
-        """Iterator over the speech tokens of one piece of text."""
+        """Iterator over the speech tokens of one piece of text; ``close()`` it to cancel.
+
+        The tokens come from the scheduler's thread, decoded beside every other
+        running request, and are bit for bit those ``decode_speech_tokens``
+        gives alone (``batch_decode``).
+        """
         t3_cond, _ = request.voice.for_request(request.exaggeration)
-        return decode_speech_tokens(
-            self.model, t3_cond, text_tokens_for(self.model, piece), request.sampling,
-            max_new_tokens=max_tokens or token_budget(piece), generator=generator)
+        text_tokens = text_tokens_for(self.model, piece)
+        budget = max_tokens or token_budget(piece)
+        if not self._batched:
+            return self._decode_alone(t3_cond, text_tokens, request.sampling, budget, generator)
+        return self.scheduler.submit(DecodeRequest(t3_cond=t3_cond, text_tokens=text_tokens,
+                                                   params=request.sampling, max_new_tokens=budget,
+                                                   generator=generator))
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The decode scheduler, started with the first request."""
+        with self._scheduler_guard:
+            if self._scheduler is None:
+                self._scheduler = Scheduler(self.model.t3)
+            return self._scheduler
+
+    def _decode_alone(self, t3_cond, text_tokens, sampling, budget, generator):
+        with self._decode_lock:
+            steps = decode_speech_tokens(self.model, t3_cond, text_tokens, sampling,
+                                         max_new_tokens=budget, generator=generator)
+            try:
+                yield from steps
+            finally:
+                steps.close()
 
     def _decode_piece(self, request: SynthesisRequest, piece: str, generator: torch.Generator,
                       max_tokens: Optional[int],
@@ -167,18 +205,19 @@ class Engine:
         pieces = split_text(request.text)
         audio: List[np.ndarray] = []
         n_tokens = n_audio_tokens = 0
-        with self._lock:
-            generator = self.new_generator(request.seed)
-            for index, piece in enumerate(pieces):
-                tokens = self._decode_piece(request, piece, generator, max_tokens, cancelled)
-                n_tokens += len(tokens)
-                tokens = speakable(tokens)
-                n_audio_tokens += len(tokens)
-                _, gen = request.voice.for_request(request.exaggeration)
+        generator = self.new_generator(request.seed)
+        for index, piece in enumerate(pieces):
+            tokens = self._decode_piece(request, piece, generator, max_tokens, cancelled)
+            n_tokens += len(tokens)
+            tokens = speakable(tokens)
+            n_audio_tokens += len(tokens)
+            _, gen = request.voice.for_request(request.exaggeration)
+            with self._lock:
                 audio.append(vocode_whole(self.model, tokens, gen,
-                                    seed=(request.seed + index) % SEED_MODULUS))
-                if progress is not None:
-                    progress(index + 1, len(pieces))
+                                          seed=(request.seed + index) % SEED_MODULUS))
+            if progress is not None:
+                progress(index + 1, len(pieces))
+        with self._lock:
             take = self.watermarker.apply(join_pieces(audio, self.sample_rate), self.sample_rate)
         take = np.clip(take, -1.0, 1.0).astype(np.float32)
         return Synthesis(audio=take, sample_rate=self.sample_rate, pieces=len(pieces),
@@ -194,27 +233,30 @@ class Engine:
         pieces = split_text(request.text)
         pause = np.zeros(int(PIECE_PAUSE_S * self.sample_rate), dtype=np.float32)
         fade = int(PIECE_FADE_S * self.sample_rate) if len(pieces) > 1 else 0
-        with self._lock:
-            generator = self.new_generator(request.seed)
-            for index, piece in enumerate(pieces):
-                if index:
-                    yield pause
-                _, gen = request.voice.for_request(request.exaggeration)
-                vocoder = StreamingVocoder(self.model, gen, seed=(request.seed + index) % SEED_MODULUS,
-                                           schedule=schedule)
-                edges = _PieceEdges(fade)
-                tokens = self.speech_tokens(request, piece, generator, max_tokens)
-                try:
-                    for token in tokens:
+        generator = self.new_generator(request.seed)
+        for index, piece in enumerate(pieces):
+            if index:
+                yield pause
+            _, gen = request.voice.for_request(request.exaggeration)
+            vocoder = StreamingVocoder(self.model, gen, seed=(request.seed + index) % SEED_MODULUS,
+                                       schedule=schedule)
+            edges = _PieceEdges(fade)
+            tokens = self.speech_tokens(request, piece, generator, max_tokens)
+            try:
+                for token in tokens:
+                    with self._lock:
                         audio = vocoder.push([token])
-                        if audio is not None and audio.size:
-                            yield self._mark(edges.shape(audio, last=False))
-                finally:
-                    tokens.close()
-                yield self._mark(edges.shape(vocoder.finish(), last=True))
+                    if audio is not None and audio.size:
+                        yield self._mark(edges.shape(audio, last=False))
+            finally:
+                tokens.close()  # a closed stream leaves the decoder before its next step
+            with self._lock:
+                audio = vocoder.finish()
+            yield self._mark(edges.shape(audio, last=True))
 
     def _mark(self, audio: np.ndarray) -> np.ndarray:
-        marked = self.watermarker.apply(audio, self.sample_rate)
+        with self._lock:
+            marked = self.watermarker.apply(audio, self.sample_rate)
         return np.clip(marked, -1.0, 1.0).astype(np.float32)
 
     def warm_up(self) -> Optional[float]:
