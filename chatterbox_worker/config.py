@@ -24,6 +24,9 @@ RUNPOD_VOLUME = Path("/runpod-volume")
 DEFAULT_INLINE_MAX_BYTES = 7_000_000
 # A streamed job's items are all collected into its final output as well.
 DEFAULT_AGGREGATE_MAX_BYTES = 7_000_000
+# Jobs a CUDA worker takes at once unless MAX_CONCURRENCY says otherwise: they
+# share T3's decode steps (continuous batching); the vocoder runs one call at a time.
+DEFAULT_CUDA_CONCURRENCY = 8
 
 # (setting name, environment variable). Order is the order of the README table.
 ENVIRONMENT = {
@@ -118,8 +121,24 @@ class Settings(BaseModel):
 
     @property
     def concurrency(self) -> int:
-        """Jobs one worker takes at once: the setting, else 1 (synthesis holds the model)."""
-        return self.max_concurrency or 1
+        """Jobs one worker takes at once: the setting, else by device.
+
+        On CUDA concurrent jobs share T3's decode steps (engine/scheduler.py),
+        so several at once cost little more than one: ``DEFAULT_CUDA_CONCURRENCY``.
+        On CPU a step's cost grows with every request in it, so 1.
+        """
+        if self.max_concurrency:
+            return self.max_concurrency
+        return DEFAULT_CUDA_CONCURRENCY if self.resolved_device == "cuda" else 1
+
+    @property
+    def resolved_device(self) -> str:
+        """``device`` with ``auto`` resolved (imports torch on first use)."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def load_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:

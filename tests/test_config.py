@@ -11,7 +11,16 @@ def test_defaults_follow_the_contract():
     assert s.s3_url_ttl_s == 3600
     assert s.watermark is True
     assert not s.s3_configured
-    assert s.concurrency == 1
+
+
+def test_concurrency_follows_the_device_unless_set():
+    assert load_settings({"CHATTERBOX_DEVICE": "cpu"}).concurrency == 1
+    assert load_settings({"CHATTERBOX_DEVICE": "cuda"}).concurrency == 8
+    assert load_settings({"CHATTERBOX_DEVICE": "cuda", "MAX_CONCURRENCY": "2"}).concurrency == 2
+    import torch
+
+    expected = 8 if torch.cuda.is_available() else 1
+    assert load_settings({}).concurrency == expected
 
 
 def test_values_are_read_and_typed():
