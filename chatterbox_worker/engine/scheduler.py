@@ -152,22 +152,33 @@ class Scheduler:
                     events = decoder.step()
                 except Exception as exc:
                     log.exception("T3 decode step failed for %d request(s)", len(streams))
-                    for request, stream in streams.items():
+                    failed = list(streams.values())
+                    for request in streams:
                         decoder.remove(request)
-                        stream._put(_Failure(exc))
                     streams.clear()
+                    with self._cond:
+                        self._running = 0
+                    for stream in failed:
+                        stream._put(_Failure(exc))
                     continue
                 finally:
                     self.steps += 1
+                # Book-keeping first, then the tokens: a caller that sees its
+                # end sees ``active`` without its request.
+                puts = []
                 for event in events:
                     stream = streams.get(event.request)
                     if stream is None:
                         continue
                     if event.token is not None:
-                        stream._put(event.token)
+                        puts.append((stream, event.token))
                     if event.done:
-                        stream._put(_END)
+                        puts.append((stream, _END))
                         del streams[event.request]
+                with self._cond:
+                    self._running = len(streams)
+                for stream, item in puts:
+                    stream._put(item)
         except BaseException as exc:  # the loop itself broke: nobody may wait forever
             log.exception("T3 decode scheduler stopped")
             with self._cond:
