@@ -71,8 +71,9 @@ class VoiceLibrary:
         else:
             data = self._from_audio(request)
         # Whatever goes to the volume passes the checks every later load makes:
-        # nothing is written that the worker would then refuse to read.
-        parse_voice_file(data)
+        # nothing is written that the worker would then refuse to read (and the
+        # parse is cached, so the metadata below costs no second one).
+        self.store.validated(request.voice_id, data)
         self.store.save(request.voice_id, data, overwrite=request.overwrite)
         return self.store.metadata(request.voice_id)
 
@@ -134,8 +135,8 @@ class VoiceLibrary:
     def get(self, request: GetVoiceRequest) -> dict:
         if not request.export:
             return self.store.metadata(request.voice_id)
-        data = self.store.read_file(request.voice_id)
-        item = parse_voice_file(data).metadata()
+        data, voice = self.store.export(request.voice_id)
+        item = voice.metadata()
         item["voice_base64"] = base64.b64encode(data).decode("ascii")
         return item
 

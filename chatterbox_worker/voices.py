@@ -25,7 +25,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -239,11 +239,14 @@ class VoiceStore:
         except OSError as exc:
             raise StorageUnavailable(f"cannot read voice '{voice_id}': {exc.strerror}") from None
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_VOICE_FILE_BYTES:
+        problem = None
+        if not stat.S_ISREG(info.st_mode):
+            problem = "is not a regular file"
+        elif info.st_size > MAX_VOICE_FILE_BYTES:
+            problem = f"is {info.st_size} bytes; the limit is {MAX_VOICE_FILE_BYTES}"
+        if problem:
             os.close(fd)
-            raise InvalidVoiceFile(f"{voice_id}.pth is not a regular file" if not stat.S_ISREG(
-                info.st_mode) else f"{voice_id}.pth is {info.st_size} bytes; the limit is "
-                                   f"{MAX_VOICE_FILE_BYTES}")
+            raise InvalidVoiceFile(f"{voice_id}.pth {problem}")
         with os.fdopen(fd, "rb") as fh:
             try:
                 data = fh.read(MAX_VOICE_FILE_BYTES + 1)
@@ -267,8 +270,9 @@ class VoiceStore:
                 self._cache.popitem(last=False)
         return parsed
 
-    def _stored(self, voice_id: str, data: bytes) -> StoredVoice:
-        """The parsed file of ``voice_id``, which must hold that voice (not a copy of another)."""
+    def validated(self, voice_id: str, data: bytes) -> StoredVoice:
+        """``data`` parsed as the file of ``voice_id`` (which it must hold, not a copy of
+        another voice); cached, so a save of the same bytes is not parsed again."""
         cached = self._parse_cached(data)
         if cached.voice_id != voice_id:
             raise InvalidVoiceFile(f"file {voice_id}.pth holds voice '{cached.voice_id}'")
@@ -276,7 +280,7 @@ class VoiceStore:
 
     def load(self, voice_id: str) -> StoredVoice:
         """The voice as stored now; ``VoiceNotFound`` or ``InvalidVoiceFile`` otherwise."""
-        cached = self._stored(voice_id, self._read(voice_id))
+        cached = self.validated(voice_id, self._read(voice_id))
         if cached.model != self.model_signature:
             raise InvalidVoiceFile(
                 f"voice '{voice_id}' was made for model {cached.model}; this worker runs "
@@ -330,15 +334,14 @@ class VoiceStore:
     def exists(self, voice_id: str) -> bool:
         return self.path_for(voice_id).exists()
 
-    def read_file(self, voice_id: str) -> bytes:
-        """The stored file's bytes (for export), checked like any load."""
+    def export(self, voice_id: str) -> Tuple[bytes, StoredVoice]:
+        """The stored file's bytes and what they hold, checked like any load."""
         data = self._read(voice_id)
-        self._stored(voice_id, data)
-        return data
+        return data, self.validated(voice_id, data)
 
     def metadata(self, voice_id: str) -> dict:
         """A voice's metadata; a voice for another model is listed, not refused."""
-        return self._stored(voice_id, self._read(voice_id)).metadata()
+        return self.validated(voice_id, self._read(voice_id)).metadata()
 
     def list_metadata(self) -> List[dict]:
         """Metadata of every readable voice, sorted by id; unreadable files are logged and skipped."""
