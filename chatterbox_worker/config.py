@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Literal, Mapping, Optional, Tuple
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 
@@ -35,6 +35,8 @@ ENVIRONMENT = {
     "baked_model_dir": "CHATTERBOX_BAKED_DIR",
     "volume_hf_cache": "CHATTERBOX_VOLUME_HF_CACHE",
     "device": "CHATTERBOX_DEVICE",
+    "dtype": "CHATTERBOX_DTYPE",
+    "cuda_graphs": "CHATTERBOX_CUDA_GRAPHS",
     "watermark": "CHATTERBOX_WATERMARK",
     "warmup": "CHATTERBOX_WARMUP",
     "voices_dir": "VOICES_DIR",
@@ -75,6 +77,12 @@ class Settings(BaseModel):
     baked_model_dir: Path = Path("/opt/chatterbox/weights")
     volume_hf_cache: Path = RUNPOD_VOLUME / "huggingface-cache" / "hub"
     device: Literal["auto", "cuda", "cpu"] = "auto"
+    # T3's weight format. auto: bfloat16 on CUDA, float32 on CPU (the exact,
+    # upstream-identical path). int8 (dynamic quantisation of T3's linear
+    # layers) is for CPU only. S3Gen stays float32 in every case.
+    dtype: Literal["auto", "float32", "bfloat16", "int8"] = "auto"
+    # Capture T3's decode step in CUDA graphs (CUDA only; off to debug).
+    cuda_graphs: bool = True
     watermark: bool = True
     warmup: bool = True
     voices_dir: Path = Field(default_factory=default_voices_dir)
@@ -132,6 +140,19 @@ class Settings(BaseModel):
         return DEFAULT_CUDA_CONCURRENCY if self.resolved_device == "cuda" else 1
 
     @property
+    def resolved_dtype(self) -> str:
+        """``dtype`` with ``auto`` resolved for the device."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if self.resolved_device == "cuda" else "float32"
+
+    @model_validator(mode="after")
+    def _int8_on_cpu_only(self):
+        if self.dtype == "int8" and self.device == "cuda":
+            raise ValueError("CHATTERBOX_DTYPE=int8 is for CPU; use bfloat16 on CUDA")
+        return self
+
+    @property
     def resolved_device(self) -> str:
         """``device`` with ``auto`` resolved (imports torch on first use)."""
         if self.device != "auto":
@@ -153,7 +174,9 @@ def load_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:
         return Settings(**raw)
     except ValidationError as exc:
         first = exc.errors()[0]
-        name = str(first["loc"][0]) if first["loc"] else "?"
+        if not first["loc"]:  # a rule across settings: its message names them
+            raise ConfigError(str(first["msg"]).removeprefix("Value error, ")) from None
+        name = str(first["loc"][0])
         variable = ENVIRONMENT.get(name, name)
         shown = raw.get(name, "")
         if "secret" in name or "access_key" in name:

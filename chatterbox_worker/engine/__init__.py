@@ -30,10 +30,13 @@ def load_engine(settings: Settings) -> Engine:
     source = locate_weights(settings.variant, model_dir=settings.model_dir,
                             baked_dir=settings.baked_model_dir,
                             volume_hf_cache=settings.volume_hf_cache)
-    model = load_model(source, variant=settings.variant, device=device)
-    engine = Engine(model, watermark=settings.watermark)
-    log.info("model %s loaded from %s (%s) on %s in %.1fs", model.signature, source.source,
-             source.directory, device, time.perf_counter() - started)
+    model = load_model(source, variant=settings.variant, device=device,
+                       t3_dtype=settings.resolved_dtype)
+    engine = Engine(model, watermark=settings.watermark, max_batch=settings.concurrency,
+                    cuda_graphs=settings.cuda_graphs)
+    log.info("model %s loaded from %s (%s) on %s, T3 %s, %s decoder, in %.1fs", model.signature,
+             source.source, source.directory, device, settings.resolved_dtype, engine.decoder_kind,
+             time.perf_counter() - started)
     if settings.warmup:
         took = engine.warm_up()
         if took is None:

@@ -57,7 +57,7 @@ class ChatterboxModel:
     sizes: ModelSizes = field(default_factory=ModelSizes)
 
     def describe(self) -> dict:
-        return {"variant": self.variant, "signature": self.signature,
+        return {"variant": self.variant, "signature": self.signature, "t3_format": t3_format(self.t3),
                 "source": self.source.source, "builtin_voice": self.builtin_voice is not None,
                 "size": "released" if self.sizes.is_released else "shrunk (test checkpoint)"}
 
@@ -85,8 +85,43 @@ def _load_state(module: torch.nn.Module, state: dict, name: str, *, strict: bool
             raise ConfigError(f"{name} lacks {len(missing)} weights, e.g. {missing[:3]}")
 
 
-def load_model(source: WeightSource, *, variant: str, device: str) -> ChatterboxModel:
-    """Build the upstream modules and load ``source`` into them (``ConfigError`` on any mismatch)."""
+def set_t3_format(t3: torch.nn.Module, dtype: str) -> torch.nn.Module:
+    """T3 in the weight format ``dtype`` (``float32``, ``bfloat16`` or ``int8``), in place.
+
+    int8 is dynamic quantisation (int8 weights, activations quantised per
+    step) of the backbone's linear layers and the speech head, for CPU: T3's
+    decode reads every weight once per token, so smaller weights are faster.
+    Embeddings, norms and the conditioning encoder stay float32.
+    """
+    if dtype == "float32":
+        return t3
+    if dtype == "bfloat16":
+        return t3.to(torch.bfloat16)
+    if dtype == "int8":
+        from torch.ao.quantization import quantize_dynamic
+
+        t3.tfmr = quantize_dynamic(t3.tfmr, {torch.nn.Linear}, dtype=torch.qint8)
+        t3.speech_head = quantize_dynamic(torch.nn.Sequential(t3.speech_head), {torch.nn.Linear},
+                                          dtype=torch.qint8)[0]
+        return t3
+    raise ValueError(f"unknown T3 weight format {dtype!r}")
+
+
+def t3_format(t3: torch.nn.Module) -> str:
+    """The weight format ``set_t3_format`` gave ``t3``."""
+    if not isinstance(getattr(t3.speech_head, "weight", None), torch.Tensor):
+        return "int8"
+    return "bfloat16" if t3.speech_emb.weight.dtype == torch.bfloat16 else "float32"
+
+
+def load_model(source: WeightSource, *, variant: str, device: str,
+               t3_dtype: str = "float32") -> ChatterboxModel:
+    """Build the upstream modules and load ``source`` into them (``ConfigError`` on any mismatch).
+
+    ``t3_dtype`` is T3's weight format (``set_t3_format``); S3Gen and the voice encoder stay float32.
+    """
+    if t3_dtype == "int8" and device != "cpu":
+        raise ConfigError("the int8 T3 format runs on CPU only; use bfloat16 on CUDA")
     from chatterbox.models.tokenizers import EnTokenizer
     from chatterbox.tts import Conditionals
 
@@ -118,6 +153,7 @@ def load_model(source: WeightSource, *, variant: str, device: str) -> Chatterbox
 
     for module in (ve, t3, s3gen):
         module.to(device).eval()
+    set_t3_format(t3, t3_dtype)
 
     builtin = None
     conds_path = directory / "conds.pt"
@@ -133,4 +169,4 @@ def load_model(source: WeightSource, *, variant: str, device: str) -> Chatterbox
         signature=model_signature(variant, directory), source=source, sizes=sizes)
 
 
-__all__ = ["ChatterboxModel", "load_model", "model_signature"]
+__all__ = ["ChatterboxModel", "load_model", "model_signature", "set_t3_format", "t3_format"]

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from .batch_decode import BatchDecoder, DecodeRequest
 
@@ -85,9 +85,11 @@ class TokenStream:
 class Scheduler:
     """Continuous batching of T3 decode steps across threads (see the module docstring)."""
 
-    def __init__(self, t3, *, exact: bool = True, name: str = "t3-decode"):
-        self._t3 = t3
-        self._exact = exact
+    def __init__(self, t3, *, exact: bool = True, name: str = "t3-decode",
+                 decoder: Optional[Callable[[], object]] = None):
+        """``decoder`` makes the decoder the thread drives (``BatchDecoder`` or
+        ``FastDecoder``); by default ``BatchDecoder(t3, exact=exact)``."""
+        self._make_decoder = decoder or (lambda: BatchDecoder(t3, exact=exact))
         self._name = name
         self._cond = threading.Condition()
         self._incoming: List[TokenStream] = []
@@ -127,7 +129,7 @@ class Scheduler:
             self._cond.notify()
 
     def _run(self) -> None:
-        decoder = BatchDecoder(self._t3, exact=self._exact)
+        decoder = self._make_decoder()
         streams: Dict[DecodeRequest, TokenStream] = {}
         try:
             while True:

@@ -17,8 +17,9 @@ import torch
 
 from .conditionals import S3GEN_SR, VoiceConditionals, build_conditionals, from_upstream
 from .decode import SamplingParams, decode_speech_tokens, text_tokens_for
-from .batch_decode import DecodeRequest
-from .model import ChatterboxModel
+from .batch_decode import BatchDecoder, DecodeRequest
+from .fast_decode import FastDecoder
+from .model import ChatterboxModel, t3_format
 from .scheduler import Scheduler
 from .text import split_text, token_budget
 from .vocoder import StreamingVocoder, StreamSchedule, Watermarker, speakable, vocode_whole
@@ -117,8 +118,12 @@ class Engine:
 
     sample_rate = S3GEN_SR
 
-    def __init__(self, model: ChatterboxModel, *, watermark: bool = True):
+    def __init__(self, model: ChatterboxModel, *, watermark: bool = True, max_batch: int = 1,
+                 cuda_graphs: bool = True):
+        """``max_batch``: most requests decoding at once (the worker's concurrency)."""
         self.model = model
+        self.max_batch = max_batch
+        self.cuda_graphs = cuda_graphs and str(model.device).startswith("cuda")
         self.watermarker = Watermarker(watermark)
         # T3 decoding of every job runs on the scheduler's one thread, where
         # concurrent jobs share each step (continuous batching). S3Gen draws
@@ -165,8 +170,23 @@ class Engine:
         """The decode scheduler, started with the first request."""
         with self._scheduler_guard:
             if self._scheduler is None:
-                self._scheduler = Scheduler(self.model.t3)
+                self._scheduler = Scheduler(self.model.t3, decoder=self._new_decoder)
             return self._scheduler
+
+    @property
+    def decoder_kind(self) -> str:
+        """``exact`` (float32 on CPU: tokens bit for bit those of the
+        single-request loop, ``BatchDecoder``) or ``fast`` (static cache,
+        padded batch, CUDA graphs on GPU: ``FastDecoder``)."""
+        if not self._batched:
+            return "single"
+        exact = t3_format(self.model.t3) == "float32" and str(self.model.device) == "cpu"
+        return "exact" if exact else "fast"
+
+    def _new_decoder(self):
+        if self.decoder_kind == "exact":
+            return BatchDecoder(self.model.t3)
+        return FastDecoder(self.model.t3, slots=self.max_batch, cuda_graphs=self.cuda_graphs)
 
     def _decode_alone(self, t3_cond, text_tokens, sampling, budget, generator):
         with self._decode_lock:

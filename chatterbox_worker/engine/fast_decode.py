@@ -1,0 +1,407 @@
+"""The fast T3 decode path: a static KV cache, one padded batch, CUDA graphs on GPU.
+
+``FastDecoder`` has the ``BatchDecoder`` interface (``add``, ``remove``,
+``step``) so the scheduler can drive either. Where ``BatchDecoder`` keeps
+float32 tokens bit-for-bit those of the single-request loop, this one is
+built for throughput, on GPU above all:
+
+- **Static KV cache.** One preallocated tensor per K and V,
+  ``(layers, rows, heads, max_len, head_dim)``. A request holds a *slot*
+  (two rows: conditioned and unconditioned, as classifier-free guidance
+  needs; without guidance the second row repeats the first and is weighted
+  0). Running slots are kept packed at the front, so a step runs on the
+  first ``bucket`` slots only; a request that leaves has the last slot moved
+  into its place.
+- **Per-row positions.** Each row writes its new K/V at its own position
+  (``index_put``) and attends through a mask to its own length, with
+  scaled-dot-product attention over the first ``length bucket`` positions
+  (a multiple of ``LENGTH_BUCKET``) rather than the whole cache.
+- **CUDA graphs.** On CUDA the step from input embedding to logits is
+  captured once per (slot bucket, length bucket) the first time it is needed
+  and replayed after: the per-layer kernel launches that dominate a batch-1
+  step cost one launch. Slot buckets are powers of two. CPU runs the same
+  step eagerly.
+- **Sampling on the device, vectorised over the batch**: guidance mix,
+  repetition penalty, temperature, min-p, top-p (upstream's order and
+  formulas, per-row parameters), then an exponential race with noise from a
+  counter-based hash of (request seed, step, token id). A request's draws
+  therefore depend on its own seed and step only, never on which requests
+  ran beside it or in which slot; the only host synchronisation per step is
+  reading the sampled tokens.
+
+What it does not promise: the same tokens as ``decode_speech_tokens`` for a
+seed (the random stream differs from ``torch.multinomial``'s), nor bit-equal
+logits alone and batched (the padded products sum in another order). That
+is why float32 on CPU keeps ``BatchDecoder``: the parity and determinism
+guarantees are stated for it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from .batch_decode import DecodeRequest, StepEvent
+from .decode import SamplingParams, prefill_inputs
+
+log = logging.getLogger(__name__)
+
+# Positions attended to are rounded up to a multiple of this: few graphs, little waste.
+LENGTH_BUCKET = 256
+# The longest sequence a slot holds: conditioning (34) + a 300-character piece's
+# text tokens + 2 + the largest token budget (1000), rounded up.
+DEFAULT_MAX_LEN = 1536
+
+_MASK64 = (1 << 64) - 1
+
+
+def _signed(value: int) -> int:
+    """A 64-bit constant as torch's signed int64."""
+    value &= _MASK64
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_GOLDEN = _signed(0x9E3779B97F4A7C15)
+_MIX1 = _signed(0xBF58476D1CE4E5B9)
+_MIX2 = _signed(0x94D049BB133111EB)
+_STEP_KEY = _signed(0xD1B54A32D192ED03)
+
+
+def _shr(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's ``>>`` keeps the sign)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def counter_uniform(seeds: torch.Tensor, steps: torch.Tensor, width: int) -> torch.Tensor:
+    """(n, width) uniforms in (0, 1), a pure function of (seed, step, column).
+
+    SplitMix64's finaliser over a key mixed from the three; int64 products
+    wrap, as the hash intends. No generator state: the same request draws
+    the same numbers in any batch, in any slot, eagerly or inside a graph.
+    """
+    column = torch.arange(width, device=seeds.device, dtype=torch.int64)
+    x = seeds[:, None] * _GOLDEN + steps[:, None] * _STEP_KEY + column[None, :]
+    x = (x ^ _shr(x, 30)) * _MIX1
+    x = (x ^ _shr(x, 27)) * _MIX2
+    x = x ^ _shr(x, 31)
+    return (_shr(x, 40).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+
+
+@dataclass
+class _Slot:
+    request: DecodeRequest
+    seed: int
+    length: int = 0  # cache positions filled (prompt, then one per step)
+    steps: int = 0  # tokens sampled so far
+
+
+class FastDecoder:
+    """Continuous batching over a static KV cache (see the module docstring).
+
+    Not thread-safe: the scheduler's thread calls ``add``, ``remove`` and ``step``.
+    """
+
+    def __init__(self, t3, *, slots: int, max_len: int = DEFAULT_MAX_LEN,
+                 cuda_graphs: Optional[bool] = None):
+        if getattr(t3, "is_gpt", False):
+            raise ValueError("FastDecoder supports T3's Llama backbone only")
+        if slots < 1:
+            raise ValueError("slots must be at least 1")
+        self.t3 = t3
+        tfmr = t3.tfmr
+        config = tfmr.config
+        self.device = t3.speech_emb.weight.device
+        self.dtype = t3.speech_emb.weight.dtype  # embeddings stay float even when linears are int8
+        self.slots = slots
+        self.max_len = max_len
+        self.layers = list(tfmr.layers[: config.num_hidden_layers])
+        heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        if heads != config.num_attention_heads:
+            raise ValueError("grouped-query attention is not supported (T3's Llama has none)")
+        rows = 2 * slots
+        shape = (len(self.layers), rows, heads, max_len, self.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.vocab = t3.hp.speech_tokens_dict_size
+        # Rotary tables for every position, computed once as HF computes them per step.
+        positions = torch.arange(max_len, device=self.device)[None]
+        probe = torch.zeros(1, 1, config.hidden_size, device=self.device, dtype=self.dtype)
+        cos, sin = tfmr.rotary_emb(probe, positions)
+        self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()  # (max_len, head_dim)
+
+        # Per-row and per-slot inputs of a step (static buffers: graphs read them in place).
+        self.row_pos = torch.zeros(rows, dtype=torch.long, device=self.device)
+        self.last_token = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self.speech_pos = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self.logits = torch.zeros(rows, self.vocab, dtype=torch.float32, device=self.device)
+        # Sampling parameters and state per slot.
+        self.seen = torch.zeros(slots, self.vocab, dtype=torch.bool, device=self.device)
+        self.seeds = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self.steps = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self.params = torch.zeros(slots, 5, dtype=torch.float32, device=self.device)
+
+        self._slots: List[_Slot] = []  # packed: slot i holds rows 2i, 2i+1
+        self._waiting: List[DecodeRequest] = []
+        self._by_request: Dict[DecodeRequest, _Slot] = {}
+        use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        if use_graphs and self.device.type != "cuda":
+            raise ValueError("CUDA graphs need a CUDA device")
+        self.cuda_graphs = use_graphs
+        self._graphs: Dict[Tuple[int, int], "torch.cuda.CUDAGraph"] = {}
+        self._pool = None
+
+    # -- membership ---------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._slots) + len(self._waiting)
+
+    def __contains__(self, request: DecodeRequest) -> bool:
+        return request in self._by_request or request in self._waiting
+
+    def add(self, request: DecodeRequest) -> None:
+        """Queue ``request``; it is prefilled into a free slot at the next ``step``."""
+        if request in self:
+            raise ValueError("request already added")
+        self._waiting.append(request)
+
+    def remove(self, request: DecodeRequest) -> bool:
+        """Drop ``request`` now (cancellation); its slot is free for the next step."""
+        if request in self._waiting:
+            self._waiting.remove(request)
+            return True
+        slot = self._by_request.pop(request, None)
+        if slot is None:
+            return False
+        index = self._slots.index(slot)
+        last = len(self._slots) - 1
+        if index != last:  # keep the running slots packed at the front
+            self._move(last, index)
+            self._slots[index] = self._slots[last]
+        self._slots.pop()
+        return True
+
+    def _move(self, src: int, dst: int) -> None:
+        rows_src, rows_dst = slice(2 * src, 2 * src + 2), slice(2 * dst, 2 * dst + 2)
+        length = self._slots[src].length
+        self.k_cache[:, rows_dst, :, :length] = self.k_cache[:, rows_src, :, :length]
+        self.v_cache[:, rows_dst, :, :length] = self.v_cache[:, rows_src, :, :length]
+        for buf in (self.row_pos, self.logits):
+            buf[rows_dst] = buf[rows_src]
+        for buf in (self.last_token, self.speech_pos, self.seen, self.seeds, self.steps, self.params):
+            buf[dst] = buf[src]
+
+    # -- one step -----------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> List[StepEvent]:
+        """One token for every running request; finished requests leave the decoder."""
+        running = len(self._slots)
+        if running:
+            self._forward(running)
+            # Each running row wrote its new position; the next goes after it.
+            self.row_pos[: 2 * running] += 1
+            for slot in self._slots:
+                slot.length += 1
+        events: List[StepEvent] = []
+        while self._waiting and len(self._slots) < self.slots:
+            request = self._waiting.pop(0)
+            if request.max_new_tokens <= 0:
+                events.append(StepEvent(request, None, True))
+                continue
+            self._prefill(request)
+        if not self._slots:
+            return events
+        tokens = self._sample(len(self._slots)).tolist()  # the one host synchronisation
+        stop = self.t3.hp.stop_speech_token
+        leaving = []
+        for slot, token in zip(self._slots, tokens):
+            if token == stop:
+                events.append(StepEvent(slot.request, None, True))
+                leaving.append(slot.request)
+                continue
+            slot.steps += 1
+            done = slot.steps >= slot.request.max_new_tokens
+            events.append(StepEvent(slot.request, token, done))
+            if done:
+                leaving.append(slot.request)
+        n = len(self._slots)
+        # Input of the next step, on the device: the sampled token (set by
+        # ``_sample``) at its learned position.
+        self.speech_pos[:n] = self.steps[:n]
+        for request in leaving:
+            self.remove(request)
+        return events
+
+    def _prefill(self, request: DecodeRequest) -> None:
+        """The prompt of ``request`` through T3 alone, into the next free slot."""
+        t3 = self.t3
+        params = request.params
+        t3_cond = request.t3_cond
+        if self.dtype != torch.float32:
+            t3_cond = t3_cond.to(dtype=self.dtype)
+        inputs = prefill_inputs(t3, t3_cond, request.text_tokens, params)
+        if inputs.size(0) == 1:  # no guidance: the second row repeats the first, weighted 0
+            inputs = inputs.expand(2, -1, -1)
+        length = inputs.size(1)
+        if length + request.max_new_tokens >= self.max_len:
+            raise ValueError(f"prompt of {length} positions plus {request.max_new_tokens} tokens "
+                             f"exceeds the decoder's {self.max_len}")
+        cache = DynamicCache()
+        out = t3.tfmr(inputs_embeds=inputs, past_key_values=cache, use_cache=True)
+        index = len(self._slots)
+        rows = slice(2 * index, 2 * index + 2)
+        for layer in range(len(self.layers)):
+            keys, values = _layer_kv(cache, layer)
+            self.k_cache[layer, rows, :, :length] = keys
+            self.v_cache[layer, rows, :, :length] = values
+        self.logits[rows] = t3.speech_head(out.last_hidden_state[:, -1, :]).float()
+        self.row_pos[rows] = length
+        seed = int(torch.randint(0, 2**62, (1,), generator=request.generator,
+                                 device=request.generator.device))
+        self.seeds[index] = seed
+        self.steps[index] = 0
+        self.seen[index] = False
+        self.seen[index, t3.hp.start_speech_token] = True  # upstream's history starts with it
+        self.params[index] = slot_params(params)
+        slot = _Slot(request=request, seed=seed, length=length)
+        self._slots.append(slot)
+        self._by_request[request] = slot
+
+    def _forward(self, n: int) -> None:
+        """Logits of the next token for the first ``n`` slots (rows ``2n``), into ``self.logits``."""
+        bucket = 1
+        while bucket < n:
+            bucket *= 2
+        bucket = min(bucket, self.slots)
+        longest = max(slot.length for slot in self._slots) + 1
+        span = min(self.max_len, -(-longest // LENGTH_BUCKET) * LENGTH_BUCKET)
+        # Rows past the running ones (free slots, or a slot about to be
+        # prefilled) compute garbage at position 0 of their own rows: harmless.
+        if bucket > n:
+            self.row_pos[2 * n: 2 * bucket] = 0
+        if not self.cuda_graphs:
+            self._step_body(bucket, span)
+            return
+        graph = self._graphs.get((bucket, span))
+        if graph is None:
+            graph = self._capture(bucket, span)
+        graph.replay()
+
+    def _capture(self, bucket: int, span: int):
+        # Warm-up runs on a side stream, as graph capture requires. They run
+        # the real step with the real inputs: each writes the same K/V to the
+        # same positions as the replay that follows, so they change nothing.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._step_body(bucket, span)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self._pool):
+            self._step_body(bucket, span)
+        self._graphs[(bucket, span)] = graph
+        log.info("captured the T3 decode step for %d slot(s), %d positions", bucket, span)
+        return graph
+
+    def _step_body(self, bucket: int, span: int) -> None:
+        """Embedding of each slot's last token -> logits; graph-capturable (no host reads)."""
+        t3 = self.t3
+        rows = 2 * bucket
+        tokens = self.last_token[:bucket]
+        embed = t3.speech_emb(tokens) + t3.speech_pos_emb.emb(self.speech_pos[:bucket])
+        hidden = embed.repeat_interleave(2, dim=0)[:, None, :]  # (rows, 1, dim)
+        pos = self.row_pos[:rows]
+        cos = self.cos[pos][:, None, :]
+        sin = self.sin[pos][:, None, :]
+        row_index = torch.arange(rows, device=self.device)
+        visible = torch.arange(span, device=self.device)[None, :] <= pos[:, None]
+        mask = visible[:, None, None, :]  # (rows, 1, 1, span)
+        for layer_idx, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            residual = hidden
+            x = layer.input_layernorm(hidden)
+            shape = (rows, 1, -1, self.head_dim)
+            q = attn.q_proj(x).view(shape).transpose(1, 2)
+            k = attn.k_proj(x).view(shape).transpose(1, 2)
+            v = attn.v_proj(x).view(shape).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            keys = self.k_cache[layer_idx, :rows]
+            values = self.v_cache[layer_idx, :rows]
+            keys[row_index, :, pos] = k[:, :, 0]
+            values[row_index, :, pos] = v[:, :, 0]
+            out = F.scaled_dot_product_attention(q, keys[:, :, :span], values[:, :, :span],
+                                                 attn_mask=mask, scale=attn.scaling)
+            hidden = residual + attn.o_proj(out.transpose(1, 2).reshape(rows, 1, -1))
+            residual = hidden
+            hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
+        hidden = t3.tfmr.norm(hidden)
+        self.logits[:rows].copy_(t3.speech_head(hidden[:, -1, :]).float())
+
+    def _sample(self, n: int) -> torch.Tensor:
+        """(n,) next tokens of the first ``n`` slots; also records them as inputs of the next step."""
+        logits = self.logits[: 2 * n].view(n, 2, -1)
+        top_p = any(slot.request.params.top_p < 1.0 for slot in self._slots[:n])
+        probs = sampling_probs(logits[:, 0], logits[:, 1], self.params[:n], self.seen[:n],
+                               top_p=top_p)
+        # Exponential race: argmax p / E with E ~ Exp(1) draws token i with probability p_i.
+        noise = -torch.log(counter_uniform(self.seeds[:n], self.steps[:n], probs.size(1)))
+        tokens = torch.argmax(probs / noise, dim=-1)
+        self.last_token[:n] = tokens
+        self.seen[:n].scatter_(1, tokens[:, None], True)
+        self.steps[:n] += 1
+        return tokens
+
+
+def slot_params(params: SamplingParams) -> torch.Tensor:
+    """The per-slot parameter row ``sampling_probs`` reads."""
+    return torch.tensor([params.cfg_weight, params.repetition_penalty, params.temperature,
+                         params.min_p, params.top_p], dtype=torch.float32)
+
+
+def sampling_probs(cond: torch.Tensor, uncond: torch.Tensor, params: torch.Tensor,
+                   seen: torch.Tensor, *, top_p: bool = True) -> torch.Tensor:
+    """(n, vocab) probabilities to draw from, for n requests at once.
+
+    Upstream's chain, with each request's own parameters (rows of
+    ``slot_params``): guidance mix, repetition penalty over the tokens
+    ``seen``, temperature, min-p, top-p, softmax. ``top_p=False`` skips the
+    sort when no request asks for top-p (it removes nothing at 1.0).
+    """
+    cfg, penalty, temperature, min_p, top_p_value = params.unbind(1)
+    scores = cond + cfg[:, None] * (cond - uncond)
+    penalised = torch.where(scores < 0, scores * penalty[:, None], scores / penalty[:, None])
+    scores = torch.where(seen, penalised, scores)
+    scores = scores / temperature[:, None]
+    # min-p: drop tokens less likely than min_p times the likeliest.
+    probs = torch.softmax(scores, dim=-1)
+    floor = min_p[:, None] * probs.amax(dim=-1, keepdim=True)
+    scores = scores.masked_fill(probs < floor, float("-inf"))
+    if top_p:
+        # Drop the least likely tokens whose mass stays within 1 - top_p (keep at least one).
+        ordered, order = torch.sort(scores, descending=False)
+        cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative <= (1 - top_p_value[:, None])
+        drop[:, -1] = False
+        scores = scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return torch.softmax(scores, dim=-1)
+
+
+def _layer_kv(cache, layer: int):
+    """(keys, values) of one layer of a filled ``DynamicCache``, across transformers versions."""
+    if hasattr(cache, "layers"):
+        entry = cache.layers[layer]
+        return entry.keys, entry.values
+    return cache.key_cache[layer], cache.value_cache[layer]
+
+
+__all__ = ["DEFAULT_MAX_LEN", "FastDecoder", "counter_uniform", "sampling_probs", "slot_params"]

@@ -1,0 +1,214 @@
+"""The fast decode path (static KV cache, padded batch, vectorised sampling), checked on CPU.
+
+Its forward is checked against T3's own (HF's Llama with a growing cache)
+token for token; its sampling chain against upstream's logits processors;
+its random draws for the right distribution and for independence from the
+batch. CUDA graphs cannot run here: the graph path replays exactly the
+``_step_body`` these tests run eagerly (``bench/gpu/run.sh`` runs it on a GPU).
+"""
+
+from typing import Dict, List
+
+import pytest
+import torch
+from transformers import DynamicCache
+from transformers.generation.logits_process import (MinPLogitsWarper,
+                                                    RepetitionPenaltyLogitsProcessor,
+                                                    TopPLogitsWarper)
+
+from chatterbox_worker.engine.batch_decode import DecodeRequest
+from chatterbox_worker.engine.decode import SamplingParams, prefill_inputs, speech_embedding, text_tokens_for
+from chatterbox_worker.engine.fast_decode import (FastDecoder, counter_uniform, sampling_probs,
+                                                  slot_params)
+from chatterbox_worker.tiny_model import synthetic_reference
+
+
+@pytest.fixture(scope="module")
+def voices(engine):
+    return {"builtin": engine.builtin_voice,
+            "clip": engine.voice_from_clips([synthetic_reference(seconds=7, seed=5)])}
+
+
+def make_request(model, voice, text, params=SamplingParams(), seed=1, budget=40):
+    t3_cond, _ = voice.for_request(0.5)
+    return DecodeRequest(t3_cond=t3_cond, text_tokens=text_tokens_for(model, text), params=params,
+                         max_new_tokens=budget, generator=torch.Generator().manual_seed(seed))
+
+
+def run(decoder: FastDecoder, schedule: Dict[int, List[DecodeRequest]], cancel=None):
+    """Step until every request ends; ``schedule`` adds requests at given steps,
+    ``cancel`` maps a step to requests removed before it. Returns tokens by request."""
+    tokens: Dict[DecodeRequest, List[int]] = {}
+    done = set()
+    step = 0
+    everyone = [r for batch in schedule.values() for r in batch]
+    while len(done) < len(everyone):
+        for request in schedule.get(step, []):
+            decoder.add(request)
+            tokens[request] = []
+        for request in (cancel or {}).get(step, []):
+            assert decoder.remove(request)
+            done.add(request)
+        for event in decoder.step():
+            if event.token is not None:
+                tokens[event.request].append(event.token)
+            if event.done:
+                done.add(event.request)
+        step += 1
+        assert step < 500
+    assert len(decoder) == 0
+    return tokens
+
+
+def reference_logits(model, request: DecodeRequest, tokens: List[int]) -> List[torch.Tensor]:
+    """T3's own forward (HF Llama, growing cache) over the prompt then ``tokens``: the
+    (2, vocab) logits before each token, as the single-request loop computes them."""
+    t3 = model.t3
+    with torch.inference_mode():
+        inputs = prefill_inputs(t3, request.t3_cond, request.text_tokens, request.params)
+        if inputs.size(0) == 1:
+            inputs = inputs.expand(2, -1, -1)
+        out = t3.tfmr(inputs_embeds=inputs, past_key_values=DynamicCache(), use_cache=True)
+        logits = [t3.speech_head(out.last_hidden_state[:, -1, :])]
+        for step, token in enumerate(tokens[:-1]):
+            embed = speech_embedding(t3, torch.tensor([[token]]), step)
+            out = t3.tfmr(inputs_embeds=embed.expand(2, -1, -1),
+                          past_key_values=out.past_key_values, use_cache=True)
+            logits.append(t3.speech_head(out.last_hidden_state[:, -1, :]))
+    return logits
+
+
+class Recorder(FastDecoder):
+    """Keeps the logits each slot samples from, by request."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen_logits: Dict[DecodeRequest, List[torch.Tensor]] = {}
+        self.history: Dict[DecodeRequest, List[set]] = {}  # tokens the repetition penalty sees
+
+    def _sample(self, n):
+        for i, slot in enumerate(self._slots[:n]):
+            self.seen_logits.setdefault(slot.request, []).append(self.logits[2 * i: 2 * i + 2].clone())
+            self.history.setdefault(slot.request, []).append(
+                set(self.seen[i].nonzero().flatten().tolist()))
+        return super()._sample(n)
+
+
+def test_forward_matches_t3_step_by_step_with_requests_joining_and_leaving(model, voices):
+    a = make_request(model, voices["builtin"], "Hello there, a fast decode check.", seed=1, budget=30)
+    b = make_request(model, voices["clip"], "A second voice joins later, with a longer text to say.",
+                     SamplingParams(temperature=1.2, top_p=0.8, min_p=0.1), seed=2, budget=45)
+    c = make_request(model, voices["builtin"], "No guidance.", SamplingParams(cfg_weight=0.0),
+                     seed=3, budget=12)
+    decoder = Recorder(model.t3, slots=4, max_len=512)
+    tokens = run(decoder, {0: [a], 5: [b, c]})
+    assert [len(tokens[r]) for r in (a, b, c)] == [30, 45, 12]  # budgets (a random T3 never stops)
+    for request in (a, b, c):
+        expected = reference_logits(model, request, tokens[request])
+        got = decoder.seen_logits[request]
+        assert len(got) == len(expected)
+        start = model.t3.hp.start_speech_token
+        assert decoder.history[request] == [{start, *tokens[request][:k]}
+                                            for k in range(len(tokens[request]))]
+        for step, (mine, theirs) in enumerate(zip(got, expected)):
+            torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4,
+                                       msg=lambda m, s=step: f"step {s}: {m}")
+
+
+def test_tokens_do_not_depend_on_the_batch_slot_or_a_cancelled_neighbour(model, voices):
+    params = SamplingParams(temperature=1.0, min_p=0.0)
+    texts = ["The first request.", "The second, which is cancelled.", "The third joins late.",
+             "The fourth is short."]
+    def requests():
+        return [make_request(model, voices["builtin" if i % 2 else "clip"], text, params,
+                             seed=100 + i, budget=35 - 5 * i) for i, text in enumerate(texts)]
+
+    alone = {}
+    for i, request in enumerate(requests()):
+        alone[i] = run(FastDecoder(model.t3, slots=1, max_len=512), {0: [request]})[request]
+    batch = requests()
+    decoder = FastDecoder(model.t3, slots=4, max_len=512)
+    together = run(decoder, {0: batch[:2], 3: [batch[2]], 4: [batch[3]]}, cancel={10: [batch[1]]})
+    assert together[batch[0]] == alone[0]
+    assert together[batch[2]] == alone[2]
+    assert together[batch[3]] == alone[3]
+    assert together[batch[1]] == alone[1][:len(together[batch[1]])] and len(together[batch[1]]) == 10
+
+
+def test_more_requests_than_slots_wait_for_a_free_one(model, voices):
+    requests = [make_request(model, voices["builtin"], "Queued.", seed=i, budget=5 + i) for i in range(3)]
+    decoder = FastDecoder(model.t3, slots=2, max_len=256)
+    tokens = run(decoder, {0: requests})
+    assert [len(tokens[r]) for r in requests] == [5, 6, 7]
+
+
+def test_same_seed_same_tokens_other_seed_other_tokens(model, voices):
+    def tokens(seed):
+        request = make_request(model, voices["builtin"], "Seeded.", SamplingParams(min_p=0.0), seed=seed)
+        return run(FastDecoder(model.t3, slots=1, max_len=256), {0: [request]})[request]
+    assert tokens(5) == tokens(5)
+    assert tokens(5) != tokens(6)
+
+
+def test_a_prompt_and_budget_past_the_cache_are_refused(model, voices):
+    request = make_request(model, voices["builtin"], "Too long for this cache.", budget=300)
+    decoder = FastDecoder(model.t3, slots=1, max_len=256)
+    decoder.add(request)
+    with pytest.raises(ValueError, match="exceeds"):
+        decoder.step()
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(),
+    SamplingParams(temperature=1.3, top_p=0.7, min_p=0.0, repetition_penalty=2.0, cfg_weight=0.8),
+    SamplingParams(temperature=0.6, top_p=0.95, min_p=0.2, repetition_penalty=1.0, cfg_weight=0.0),
+])
+def test_sampling_chain_equals_upstreams_processors(params):
+    torch.manual_seed(0)
+    vocab = 300
+    logits = torch.randn(2, vocab) * 3
+    history = torch.tensor([[7, 12, 12, 250, 3]])
+    cond, uncond = logits[0:1], logits[1:2]
+    scores = cond + params.cfg_weight * (cond - uncond)
+    scores = RepetitionPenaltyLogitsProcessor(penalty=params.repetition_penalty)(history, scores)
+    scores = scores / params.temperature
+    scores = MinPLogitsWarper(min_p=params.min_p)(history, scores)
+    scores = TopPLogitsWarper(top_p=params.top_p)(history, scores)
+    expected = torch.softmax(scores, dim=-1)
+
+    seen = torch.zeros(1, vocab, dtype=torch.bool)
+    seen[0, history[0]] = True
+    got = sampling_probs(cond, uncond, slot_params(params)[None], seen)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+    assert torch.equal(got > 0, expected > 0)  # the same tokens survive the cuts
+
+
+def test_counter_noise_is_uniform_and_a_pure_function_of_seed_and_step():
+    seeds = torch.tensor([1, 1, 2, -5, 2**62])
+    steps = torch.tensor([0, 1, 0, 7, 3])
+    u = counter_uniform(seeds, steps, 4096)
+    assert torch.equal(u, counter_uniform(seeds, steps, 4096))
+    assert torch.equal(u[1:2], counter_uniform(seeds[1:2], steps[1:2], 4096))  # row-wise
+    assert float(u.min()) > 0 and float(u.max()) < 1
+    assert not torch.equal(u[0], u[1]) and not torch.equal(u[0], u[2])
+    assert abs(float(u.mean()) - 0.5) < 0.01
+    # Neighbouring columns and rows are not correlated.
+    flat = u[:, :-1].flatten() - 0.5, u[:, 1:].flatten() - 0.5
+    assert abs(float((flat[0] * flat[1]).mean())) < 0.005
+
+
+def test_exponential_race_draws_each_token_with_its_probability():
+    probs = torch.tensor([0.5, 0.25, 0.15, 0.1, 0.0])
+    n = 20000
+    noise = -torch.log(counter_uniform(torch.arange(n), torch.zeros(n, dtype=torch.long), 5))
+    draws = torch.argmax(probs[None] / noise, dim=-1)
+    freq = torch.bincount(draws, minlength=5).float() / n
+    assert freq[4] == 0
+    torch.testing.assert_close(freq, probs, atol=0.012, rtol=0)
+
+
+def test_cuda_graphs_need_cuda(model):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match="CUDA"):
+        FastDecoder(model.t3, slots=1, max_len=256, cuda_graphs=True)
