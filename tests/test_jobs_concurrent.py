@@ -4,6 +4,7 @@ import asyncio
 import time
 
 import pytest
+import torch
 
 from chatterbox_worker.config import load_settings
 from chatterbox_worker.engine.batch_decode import BatchDecoder
@@ -92,3 +93,46 @@ def test_a_job_whose_decode_step_fails_gets_an_error_and_the_next_succeeds(runne
     after = asyncio.run(collect(runner, job, "after"))
     assert audio_of(after) == audio_of(expected)
     assert engine.scheduler.thread is thread and thread.is_alive()
+
+
+@pytest.fixture(scope="module")
+def fast_engine(settings_env):
+    """The tiny checkpoint with T3 in bfloat16: the fast decoder, as on a GPU."""
+    from chatterbox_worker.engine import load_engine
+
+    engine = load_engine(load_settings({**settings_env, "CHATTERBOX_DTYPE": "bfloat16",
+                                        "MAX_CONCURRENCY": "3"}))
+    assert engine.decoder_kind == "fast"
+    return engine
+
+
+def test_out_of_memory_fails_the_job_with_advice_and_the_next_job_succeeds(fast_engine, tmp_path,
+                                                                          monkeypatch):
+    from chatterbox_worker.engine.fast_decode import FastDecoder
+
+    settings = load_settings({"VOICES_DIR": str(tmp_path / "voices"), "MAX_CONCURRENCY": "3"})
+    store = VoiceStore(settings.voices_dir, model_signature=fast_engine.model.signature,
+                       variant="original")
+    runner = JobRunner(settings, fast_engine, store)
+    job = {"text": "Short.", "seed": 4}
+    original, calls = fast_engine.speech_tokens, []
+
+    def capped(request, piece, generator, max_tokens=None):
+        return original(request, piece, generator, max_tokens or 12)
+
+    monkeypatch.setattr(fast_engine, "speech_tokens", capped)
+    body = FastDecoder._step_body
+
+    def no_memory(self, bucket, span):
+        calls.append(bucket)
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(FastDecoder, "_step_body", no_memory)
+    failed = asyncio.run(collect(runner, job, "oom"))
+    assert calls and len(failed) == 1, failed
+    assert failed[0]["error"].startswith("internal_error: the GPU ran out of memory"), failed
+    assert "MAX_CONCURRENCY" in failed[0]["error"]
+    monkeypatch.setattr(FastDecoder, "_step_body", body)
+    after = asyncio.run(collect(runner, job, "after"))
+    assert after[-1]["type"] == "result" and after[-1]["duration_s"] > 0
+    assert fast_engine.scheduler.active == 0

@@ -62,7 +62,8 @@ class StepEvent(NamedTuple):
 
     request: DecodeRequest
     token: Optional[int]  # the speech token made; None when the request stopped without one
-    done: bool  # the request has left the decoder (stop token or budget)
+    done: bool  # the request has left the decoder (stop token, budget or error)
+    error: Optional[BaseException] = None  # why the request was dropped, when it failed alone
 
 
 class _Sequence:

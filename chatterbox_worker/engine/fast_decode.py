@@ -97,6 +97,7 @@ def counter_uniform(seeds: torch.Tensor, steps: torch.Tensor, width: int) -> tor
 class _Slot:
     request: DecodeRequest
     seed: int
+    joined: int = 0  # order of arrival: out of memory, the newest leaves first
     length: int = 0  # cache positions filled (prompt, then one per step)
     steps: int = 0  # tokens sampled so far
 
@@ -150,6 +151,7 @@ class FastDecoder:
         self._slots: List[_Slot] = []  # packed: slot i holds rows 2i, 2i+1
         self._waiting: List[DecodeRequest] = []
         self._by_request: Dict[DecodeRequest, _Slot] = {}
+        self._joined = 0
         use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if use_graphs and self.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
@@ -202,20 +204,39 @@ class FastDecoder:
     @torch.inference_mode()
     def step(self) -> List[StepEvent]:
         """One token for every running request; finished requests leave the decoder."""
+        events: List[StepEvent] = []
+        while self._slots:
+            try:
+                self._forward(len(self._slots))
+                break
+            except torch.OutOfMemoryError as exc:
+                # The forward changed nothing the retry does not redo (it writes
+                # each row's K/V at the same position again): drop the newest
+                # request, which the batch fitted without, and go on.
+                newest = max(self._slots, key=lambda slot: slot.joined)
+                log.warning("out of memory in a decode step of %d requests: dropping the newest",
+                            len(self._slots))
+                self.remove(newest.request)
+                events.append(StepEvent(newest.request, None, True, _out_of_memory(exc)))
+                _release_cached_memory(self.device)
         running = len(self._slots)
         if running:
-            self._forward(running)
             # Each running row wrote its new position; the next goes after it.
             self.row_pos[: 2 * running] += 1
             for slot in self._slots:
                 slot.length += 1
-        events: List[StepEvent] = []
         while self._waiting and len(self._slots) < self.slots:
             request = self._waiting.pop(0)
             if request.max_new_tokens <= 0:
                 events.append(StepEvent(request, None, True))
                 continue
-            self._prefill(request)
+            try:
+                self._prefill(request)
+            except torch.OutOfMemoryError as exc:  # this request alone did not fit
+                events.append(StepEvent(request, None, True, _out_of_memory(exc)))
+                _release_cached_memory(self.device)
+            except Exception as exc:  # its prompt alone failed: only its own free rows were touched
+                events.append(StepEvent(request, None, True, exc))
         if not self._slots:
             return events
         tokens = self._sample(len(self._slots)).tolist()  # the one host synchronisation
@@ -270,7 +291,8 @@ class FastDecoder:
         self.seen[index] = False
         self.seen[index, t3.hp.start_speech_token] = True  # upstream's history starts with it
         self.params[index] = slot_params(params)
-        slot = _Slot(request=request, seed=seed, length=length)
+        self._joined += 1
+        slot = _Slot(request=request, seed=seed, joined=self._joined, length=length)
         self._slots.append(slot)
         self._by_request[request] = slot
 
@@ -291,8 +313,24 @@ class FastDecoder:
             return
         graph = self._graphs.get((bucket, span))
         if graph is None:
-            graph = self._capture(bucket, span)
+            try:
+                graph = self._capture(bucket, span)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception:  # a torch or driver that cannot capture this step: run eagerly
+                log.exception("CUDA graph capture of the T3 decode step failed; "
+                              "decoding without CUDA graphs from now on")
+                self.cuda_graphs = False
+                self._graphs.clear()
+                torch.cuda.synchronize()
+                self._step_body(bucket, span)
+                return
         graph.replay()
+
+    @property
+    def graphs(self) -> int:
+        """CUDA graphs captured so far (0 when running eagerly)."""
+        return len(self._graphs)
 
     def _capture(self, bucket: int, span: int):
         # Warm-up runs on a side stream, as graph capture requires. They run
@@ -396,6 +434,21 @@ def sampling_probs(cond: torch.Tensor, uncond: torch.Tensor, params: torch.Tenso
     return torch.softmax(scores, dim=-1)
 
 
+class OutOfMemory(RuntimeError):
+    """A request dropped from the decoder because the device ran out of memory."""
+
+
+def _out_of_memory(exc: BaseException) -> OutOfMemory:
+    error = OutOfMemory("the GPU ran out of memory while this request decoded beside others")
+    error.__cause__ = exc
+    return error
+
+
+def _release_cached_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def _layer_kv(cache, layer: int):
     """(keys, values) of one layer of a filled ``DynamicCache``, across transformers versions."""
     if hasattr(cache, "layers"):
@@ -404,4 +457,4 @@ def _layer_kv(cache, layer: int):
     return cache.key_cache[layer], cache.value_cache[layer]
 
 
-__all__ = ["DEFAULT_MAX_LEN", "FastDecoder", "counter_uniform", "sampling_probs", "slot_params"]
+__all__ = ["DEFAULT_MAX_LEN", "FastDecoder", "OutOfMemory", "counter_uniform", "sampling_probs", "slot_params"]

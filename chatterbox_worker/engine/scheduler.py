@@ -28,15 +28,25 @@ import queue
 import threading
 from typing import Callable, Dict, List, Optional
 
+from ..errors import InternalError
 from .batch_decode import BatchDecoder, DecodeRequest
+from .fast_decode import OutOfMemory
 
 log = logging.getLogger(__name__)
 
 _END = object()
 
 
-class DecodeFailed(RuntimeError):
+class DecodeFailed(InternalError):
     """A T3 decode step failed for this request (the cause is chained)."""
+
+    def __init__(self, cause: BaseException):
+        if isinstance(cause, OutOfMemory):
+            message = ("the GPU ran out of memory while this job decoded beside others; "
+                       "retry it, and if this recurs lower MAX_CONCURRENCY")
+        else:
+            message = "T3 decode step failed; the worker logged the details under this job id"
+        super().__init__(message)
 
 
 class _Failure:
@@ -69,7 +79,7 @@ class TokenStream:
             raise StopIteration
         if isinstance(item, _Failure):
             self._finished = True
-            raise DecodeFailed("T3 decode step failed") from item.exc
+            raise DecodeFailed(item.exc) from item.exc
         return item
 
     def close(self) -> None:
@@ -171,6 +181,11 @@ class Scheduler:
                 for event in events:
                     stream = streams.get(event.request)
                     if stream is None:
+                        continue
+                    if event.error is not None:
+                        log.error("a decode request failed alone: %s", event.error)
+                        puts.append((stream, _Failure(event.error)))
+                        del streams[event.request]
                         continue
                     if event.token is not None:
                         puts.append((stream, event.token))

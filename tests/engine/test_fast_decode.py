@@ -153,9 +153,13 @@ def test_same_seed_same_tokens_other_seed_other_tokens(model, voices):
 def test_a_prompt_and_budget_past_the_cache_are_refused(model, voices):
     request = make_request(model, voices["builtin"], "Too long for this cache.", budget=300)
     decoder = FastDecoder(model.t3, slots=1, max_len=256)
+    other = make_request(model, voices["builtin"], "Fits.", budget=5)
     decoder.add(request)
-    with pytest.raises(ValueError, match="exceeds"):
-        decoder.step()
+    decoder.add(other)
+    events = decoder.step()
+    assert [(e.request, e.done) for e in events] == [(request, True), (other, False)]
+    assert isinstance(events[0].error, ValueError) and "exceeds" in str(events[0].error)
+    assert request not in decoder and other in decoder
 
 
 @pytest.mark.parametrize("params", [
@@ -212,3 +216,37 @@ def test_cuda_graphs_need_cuda(model):
         pytest.skip("this machine has CUDA")
     with pytest.raises(ValueError, match="CUDA"):
         FastDecoder(model.t3, slots=1, max_len=256, cuda_graphs=True)
+
+
+def test_out_of_memory_in_a_shared_step_drops_only_the_newest_request(model, voices, monkeypatch):
+    first = make_request(model, voices["builtin"], "The first request keeps going.", seed=21, budget=25)
+    alone = run(FastDecoder(model.t3, slots=2, max_len=256), {0: [first]})[first]
+
+    first = make_request(model, voices["builtin"], "The first request keeps going.", seed=21, budget=25)
+    newest = make_request(model, voices["clip"], "The newest one does not fit.", seed=22, budget=25)
+    decoder = FastDecoder(model.t3, slots=2, max_len=256)
+    body, failures = FastDecoder._step_body, []
+
+    def short_of_memory(self, bucket, span):
+        if bucket == 2 and not failures:
+            failures.append(bucket)
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return body(self, bucket, span)
+
+    monkeypatch.setattr(FastDecoder, "_step_body", short_of_memory)
+    tokens, errors = {first: [], newest: []}, {}
+    decoder.add(first)
+    for step in range(40):
+        if step == 3:
+            decoder.add(newest)
+        for event in decoder.step():
+            if event.error is not None:
+                errors[event.request] = event.error
+            elif event.token is not None:
+                tokens[event.request].append(event.token)
+        if not len(decoder):
+            break
+    assert failures and list(errors) == [newest]
+    assert "out of memory" in str(errors[newest]) and isinstance(errors[newest].__cause__,
+                                                                 torch.OutOfMemoryError)
+    assert tokens[first] == alone  # the survivor's state was not disturbed
