@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The streaming benchmark on a lent GPU machine, in one go.
+# The GPU benchmarks on a lent GPU machine, in one go, within BUDGET_S seconds (default 450).
 #
 # That machine has Python 3.12, torch, torchaudio, transformers, safetensors,
 # numpy, scipy, einops, onnx and numba, no registry access, and not the rest
@@ -7,19 +7,34 @@
 #     bash bench/gpu/fetch_wheels.sh          # -> wheels/ (about 20 MB)
 # then run, through the device tool, with `wheels` in `carry`:
 #     bash bench/gpu/run.sh                   # results in $OUT (default ./gpu-results)
-# SIZE=tiny TOKENS=40 bash bench/gpu/run.sh   # a quick check of the script itself
+# SIZE=tiny TOKENS=40 bash bench/gpu/run.sh   # a quick check of the script itself (CPU too)
+#
+# Steps, most important first, each bounded so the whole script ends within
+# BUDGET_S (install and the full-size checkpoint, ~40 s, included):
+#   1. install the carried wheels (SKIP_INSTALL=1 skips: a prepared venv, e.g.
+#      PYTHON=.venv/bin/python SKIP_INSTALL=1 SIZE=tiny TOKENS=40 bash bench/gpu/run.sh);
+#   2. build the random checkpoint (SIZE=full|tiny);
+#   3. bench/throughput_bench.py: upstream baseline, batch-1 decode per format,
+#      streamed then one-shot concurrency rows, with --max-seconds = what is left
+#      minus STREAM_RESERVE_S; rows that would not fit are skipped and reported;
+#   4. bench/stream_bench.py in the time left (STREAM_BENCH=0 skips it).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/gpu-results}
 SIZE=${SIZE:-full}
 TOKENS=${TOKENS:-250}
 PYTHON=${PYTHON:-python3}
+BUDGET_S=${BUDGET_S:-450}
+STREAM_BENCH=${STREAM_BENCH:-1}
+STREAM_RESERVE_S=${STREAM_RESERVE_S:-90}
 mkdir -p "$OUT"
 export HF_HOME=${HF_HOME:-/tmp/cbw-hf} HF_HUB_OFFLINE=1 PYTHONPATH=$PWD
 
 # Only what the machine lacks, from the carried wheels; never the network.
-"$PYTHON" -m pip install --quiet --no-index --find-links "${WHEELS:-wheels}" --no-deps -r bench/gpu/wheels.txt \
-  2>&1 | tee "$OUT/install.log" | grep -v "is ignored" || true
+if [ "${SKIP_INSTALL:-0}" != 1 ]; then
+  "$PYTHON" -m pip install --quiet --no-index --find-links "${WHEELS:-wheels}" --no-deps -r bench/gpu/wheels.txt \
+    2>&1 | tee "$OUT/install.log" | grep -v "is ignored" || true
+fi
 "$PYTHON" - <<'PY' > "$OUT/environment.txt" 2>&1
 import torch, sys
 print(sys.version)
@@ -34,6 +49,37 @@ if [ ! -f "$CKPT/t3_cfg.safetensors" ]; then
   "$PYTHON" -m chatterbox_worker.tiny_model "$CKPT" --size "$SIZE" | tee "$OUT/checkpoint.json"
 fi
 DEVICE=$("$PYTHON" -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
-"$PYTHON" bench/stream_bench.py --checkpoint "$CKPT" --tokens "$TOKENS" --device "$DEVICE" \
-  --out "$OUT/results-$SIZE-$DEVICE.json" 2> "$OUT/bench.stderr.log"
-echo "results: $OUT/results-$SIZE-$DEVICE.json"
+echo "ready after ${SECONDS}s"
+
+if [ "$DEVICE" = cuda ]; then
+  FORMATS=${FORMATS:-bfloat16,float32}
+  CONCURRENCY=${CONCURRENCY:-1,8,32,64}
+else
+  FORMATS=${FORMATS:-float32}
+  CONCURRENCY=${CONCURRENCY:-1,2}
+fi
+reserve=0
+if [ "$STREAM_BENCH" != 0 ]; then reserve=$STREAM_RESERVE_S; fi
+left=$((BUDGET_S - SECONDS - reserve - 5))
+if [ "$left" -ge 60 ]; then
+  status=0
+  "$PYTHON" bench/throughput_bench.py --checkpoint "$CKPT" --tokens "$TOKENS" --device "$DEVICE" \
+    --formats "$FORMATS" --concurrency "$CONCURRENCY" --repeats "${REPEATS:-1}" \
+    --upstream-jobs "${UPSTREAM_JOBS:-2}" --max-seconds "$left" \
+    --out "$OUT/throughput-$SIZE-$DEVICE.json" 2> "$OUT/throughput.stderr.log" \
+    | tee "$OUT/throughput-$SIZE-$DEVICE.md" || status=$?
+  echo "throughput bench: exit $status after ${SECONDS}s; results: $OUT/throughput-$SIZE-$DEVICE.json"
+else
+  echo "throughput bench skipped: only ${left}s left of BUDGET_S=$BUDGET_S"
+fi
+
+left=$((BUDGET_S - SECONDS - 5))
+if [ "$STREAM_BENCH" != 0 ] && [ "$left" -ge 45 ]; then
+  status=0
+  timeout "$left" "$PYTHON" bench/stream_bench.py --checkpoint "$CKPT" --tokens "$TOKENS" --device "$DEVICE" \
+    --out "$OUT/results-$SIZE-$DEVICE.json" 2> "$OUT/bench.stderr.log" || status=$?
+  echo "stream bench: exit $status after ${SECONDS}s; results: $OUT/results-$SIZE-$DEVICE.json"
+elif [ "$STREAM_BENCH" != 0 ]; then
+  echo "stream bench skipped: only ${left}s left of BUDGET_S=$BUDGET_S"
+fi
+echo "done in ${SECONDS}s"
