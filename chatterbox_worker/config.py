@@ -37,6 +37,7 @@ ENVIRONMENT = {
     "device": "CHATTERBOX_DEVICE",
     "dtype": "CHATTERBOX_DTYPE",
     "cuda_graphs": "CHATTERBOX_CUDA_GRAPHS",
+    "flow_steps": "CHATTERBOX_FLOW_STEPS",
     "watermark": "CHATTERBOX_WATERMARK",
     "warmup": "CHATTERBOX_WARMUP",
     "voices_dir": "VOICES_DIR",
@@ -83,6 +84,9 @@ class Settings(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "int8"] = "auto"
     # Capture T3's decode step in CUDA graphs (CUDA only; off to debug).
     cuda_graphs: bool = True
+    # The vocoder's flow-matching steps (upstream: 10). Fewer is faster (its cost
+    # is nearly proportional) and changes the audio; tune by listening.
+    flow_steps: int = Field(default=10, ge=1, le=50)
     watermark: bool = True
     warmup: bool = True
     voices_dir: Path = Field(default_factory=default_voices_dir)

@@ -33,7 +33,7 @@ def load_engine(settings: Settings) -> Engine:
     model = load_model(source, variant=settings.variant, device=device,
                        t3_dtype=settings.resolved_dtype)
     engine = Engine(model, watermark=settings.watermark, max_batch=settings.concurrency,
-                    cuda_graphs=settings.cuda_graphs)
+                    cuda_graphs=settings.cuda_graphs, flow_steps=settings.flow_steps)
     log.info("model %s loaded from %s (%s) on %s, T3 %s, %s decoder, in %.1fs", model.signature,
              source.source, source.directory, device, settings.resolved_dtype, engine.decoder_kind,
              time.perf_counter() - started)

@@ -22,7 +22,8 @@ from .fast_decode import FastDecoder
 from .model import ChatterboxModel, t3_format
 from .scheduler import Scheduler
 from .text import split_text, token_budget
-from .vocoder import StreamingVocoder, StreamSchedule, Watermarker, speakable, vocode_whole
+from .vocoder import (FLOW_STEPS, StreamingVocoder, StreamSchedule, Watermarker, speakable,
+                      vocode_whole)
 
 # Between pieces of long text: fades so no piece starts or ends on a click,
 # and a short pause where a sentence break would be anyway.
@@ -119,9 +120,11 @@ class Engine:
     sample_rate = S3GEN_SR
 
     def __init__(self, model: ChatterboxModel, *, watermark: bool = True, max_batch: int = 1,
-                 cuda_graphs: bool = True):
-        """``max_batch``: most requests decoding at once (the worker's concurrency)."""
+                 cuda_graphs: bool = True, flow_steps: int = FLOW_STEPS):
+        """``max_batch``: most requests decoding at once (the worker's concurrency);
+        ``flow_steps``: the vocoder's flow-matching steps (upstream: 10)."""
         self.model = model
+        self.flow_steps = flow_steps
         self.max_batch = max_batch
         self.cuda_graphs = cuda_graphs and str(model.device).startswith("cuda")
         self.watermarker = Watermarker(watermark)
@@ -234,7 +237,8 @@ class Engine:
             _, gen = request.voice.for_request(request.exaggeration)
             with self._lock:
                 audio.append(vocode_whole(self.model, tokens, gen,
-                                          seed=(request.seed + index) % SEED_MODULUS))
+                                          seed=(request.seed + index) % SEED_MODULUS,
+                                          steps=self.flow_steps))
             if progress is not None:
                 progress(index + 1, len(pieces))
         with self._lock:
@@ -259,7 +263,7 @@ class Engine:
                 yield pause
             _, gen = request.voice.for_request(request.exaggeration)
             vocoder = StreamingVocoder(self.model, gen, seed=(request.seed + index) % SEED_MODULUS,
-                                       schedule=schedule)
+                                       schedule=schedule, steps=self.flow_steps)
             edges = _PieceEdges(fade)
             tokens = self.speech_tokens(request, piece, generator, max_tokens)
             try:

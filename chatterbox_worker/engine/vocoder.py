@@ -31,7 +31,7 @@ SPEECH_VOCAB_SIZE = 6561  # ids at or above this are special (start/stop/unused)
 SAMPLES_PER_TOKEN = 960  # 25 tokens/s at 24 kHz; 2 mel frames of 480 samples each
 MELS_PER_TOKEN = 2
 LOOKAHEAD_TOKENS = 3  # S3Gen's pre-lookahead layer reads 3 tokens ahead
-FLOW_STEPS = 10
+FLOW_STEPS = 10  # upstream's flow-matching (Euler) steps; CHATTERBOX_FLOW_STEPS changes it
 
 
 def speakable(tokens) -> torch.Tensor:
@@ -99,8 +99,13 @@ class Prompt:
 
 
 @torch.inference_mode()
-def flow_mels(model, tokens: torch.Tensor, prompt: Prompt, noise: torch.Tensor) -> torch.Tensor:
-    """Mel frames (1, 80, 2N) for ``tokens`` (1, N); ``noise`` covers prompt and speech frames."""
+def flow_mels(model, tokens: torch.Tensor, prompt: Prompt, noise: torch.Tensor,
+              steps: int = FLOW_STEPS) -> torch.Tensor:
+    """Mel frames (1, 80, 2N) for ``tokens`` (1, N); ``noise`` covers prompt and speech frames.
+
+    ``steps`` Euler steps of the flow decoder: each runs its estimator twice
+    (with and without guidance), so the vocoder's cost is nearly proportional.
+    """
     from chatterbox.models.s3gen.utils.mask import make_pad_mask
 
     flow = model.s3gen.flow
@@ -117,7 +122,7 @@ def flow_mels(model, tokens: torch.Tensor, prompt: Prompt, noise: torch.Tensor) 
     conds = torch.zeros([1, h.shape[1], flow.output_size], device=device, dtype=h.dtype)
     conds[:, :prompt_frames] = prompt.feat.to(device, h.dtype)
     mask = (~make_pad_mask(h_lengths)).unsqueeze(1).to(h)
-    t_span = torch.linspace(0, 1, FLOW_STEPS + 1, device=device, dtype=h.dtype)
+    t_span = torch.linspace(0, 1, steps + 1, device=device, dtype=h.dtype)
     t_span = 1 - torch.cos(t_span * 0.5 * torch.pi)  # upstream's cosine schedule
     feat = flow.decoder.solve_euler(noise.to(device, h.dtype), t_span=t_span,
                                     mu=h.transpose(1, 2).contiguous(), mask=mask, spks=embedding,
@@ -144,7 +149,8 @@ def trim_start(model, audio: torch.Tensor) -> torch.Tensor:
     return audio
 
 
-def vocode_whole(model, tokens: torch.Tensor, gen: dict, *, seed: int) -> np.ndarray:
+def vocode_whole(model, tokens: torch.Tensor, gen: dict, *, seed: int,
+                 steps: int = FLOW_STEPS) -> np.ndarray:
     """One-shot: all tokens of a piece at once, as upstream's S3Gen.inference."""
     tokens = speakable(tokens).to(model.device).unsqueeze(0)
     if tokens.shape[1] == 0:
@@ -153,7 +159,7 @@ def vocode_whole(model, tokens: torch.Tensor, gen: dict, *, seed: int) -> np.nda
     bank = NoiseBank(seed, prompt.feat.shape[1])
     noise = bank.for_span(prompt.feat.shape[1], 0, tokens.shape[1] * MELS_PER_TOKEN)
     with seeded(seed, model.device):
-        mels = flow_mels(model, tokens, prompt, noise)
+        mels = flow_mels(model, tokens, prompt, noise, steps)
         audio, _ = hift(model, mels)
     return trim_start(model, audio).float().cpu().numpy()
 
@@ -174,8 +180,10 @@ class StreamSchedule:
 class StreamingVocoder:
     """Vocodes one piece's tokens as they arrive; ``push`` returns audio ready to play."""
 
-    def __init__(self, model, gen: dict, *, seed: int, schedule: StreamSchedule):
+    def __init__(self, model, gen: dict, *, seed: int, schedule: StreamSchedule,
+                 steps: int = FLOW_STEPS):
         self.model = model
+        self.steps = steps
         self.schedule = schedule
         self.seed = seed
         self.prompt = Prompt.from_gen(gen).last(schedule.prompt_tokens)
@@ -211,7 +219,7 @@ class StreamingVocoder:
         noise = self.noise.for_span(self.prompt.feat.shape[1], start * MELS_PER_TOKEN,
                                     available * MELS_PER_TOKEN)
         with seeded(self.seed * 1000003 + self.chunks, model.device):
-            mels = flow_mels(model, tokens, self.prompt, noise)
+            mels = flow_mels(model, tokens, self.prompt, noise, self.steps)
             cache = self._cached_source(start)
             audio, source = hift(model, mels, cache)
         self._source, self._source_start = source, start * SAMPLES_PER_TOKEN

@@ -78,19 +78,22 @@ def test_speech_tokens_equal_upstream_for_every_sampling_parameter(engine, param
     assert ours == expected
 
 
-def test_flow_equals_upstream_for_the_same_noise(engine):
+@pytest.mark.parametrize("steps", [10, 4])
+def test_flow_equals_upstream_for_the_same_noise(engine, steps):
+    """Upstream's flow for the same noise, at its 10 steps and at another count
+    (``CHATTERBOX_FLOW_STEPS``), which upstream's ``n_timesteps`` sets."""
     model = engine.model
     tokens = speakable(our_tokens(engine, seed=3, params=SamplingParams(), n=60)).unsqueeze(0)
     _, gen = engine.builtin_voice.for_request(0.5)
     frames = 2 * (gen["prompt_token"].shape[1] + tokens.shape[1])
     torch.manual_seed(5)
     noise = torch.randn(1, 80, frames)  # what upstream's randn_like(mu) draws after this seed
-    ours = flow_mels(model, tokens, Prompt.from_gen(gen), noise)
+    ours = flow_mels(model, tokens, Prompt.from_gen(gen), noise, steps)
 
     torch.manual_seed(5)
     reference, _ = model.s3gen.flow.inference(
         token=tokens, token_len=torch.tensor([tokens.shape[1]]), finalize=True,
-        **copy.deepcopy(model.builtin_voice.gen))
+        n_timesteps=steps, **copy.deepcopy(model.builtin_voice.gen))
     assert ours.shape == reference.shape == (1, 80, 2 * tokens.shape[1])
     assert (ours - reference).abs().max() < 1e-5
 

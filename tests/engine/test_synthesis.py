@@ -192,3 +192,20 @@ def test_watermark_is_on_by_default_and_changes_the_audio(engine, plain_engine):
     marked, plain = say(engine, seed=4), say(plain_engine, seed=4)
     assert marked.audio.shape == plain.audio.shape
     assert not np.array_equal(marked.audio, plain.audio)
+
+
+def test_flow_steps_setting_reaches_both_vocoders(engine, plain_engine, settings_env):
+    from chatterbox_worker.config import load_settings
+    from chatterbox_worker.engine import load_engine
+
+    fewer = load_engine(load_settings({**settings_env, "CHATTERBOX_FLOW_STEPS": "3",
+                                       "CHATTERBOX_WATERMARK": "0"}))
+    assert fewer.flow_steps == 3 and plain_engine.flow_steps == 10
+    request = SynthesisRequest(text=SHORT, voice=engine.builtin_voice, seed=9)
+    default = plain_engine.synthesize(request, max_tokens=30).audio
+    one_shot = fewer.synthesize(request, max_tokens=30).audio
+    streamed = np.concatenate(list(fewer.stream(request, max_tokens=30)))
+    assert len(one_shot) == len(default) == len(streamed)  # same tokens, other mels
+    assert not np.allclose(one_shot, default, atol=1e-3)
+    assert not np.allclose(streamed, np.concatenate(list(plain_engine.stream(request, max_tokens=30))),
+                           atol=1e-3)
