@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from .engine.conditionals import VoiceConditionals, check_tensors
+from .engine.conditionals import TENSOR_SPEC, VoiceConditionals, check_tensors
 from .errors import InvalidVoiceFile, StorageUnavailable, VoiceExists, VoiceNotFound, reason
 from .schemas import is_voice_id
 
@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 FILE_FORMAT = "chatterbox-worker-voice"
 FILE_VERSION = 1
 MAX_VOICE_FILE_BYTES = 32 * 1024 * 1024
+# Parsed voices kept in memory per worker, by the bytes their tensors hold.
+DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
 # torch.save writes a zip of a few uncompressed entries (the pickle, one per
 # tensor storage, version records). Anything else is not ours: a compressed
 # entry could expand to gigabytes inside torch.load.
@@ -64,6 +66,12 @@ class StoredVoice:
     conditionals: VoiceConditionals
     reference_audio: torch.Tensor
     reference_sample_rate: int
+
+    @property
+    def memory_bytes(self) -> int:
+        """What holding this voice in the cache costs: its tensors (conditionals may sit on the GPU)."""
+        tensors = [*(getattr(self.conditionals, name) for name in TENSOR_SPEC), self.reference_audio]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def metadata(self) -> dict:
         return {"voice_id": self.voice_id, "created_at": self.created_at,
@@ -194,13 +202,16 @@ class VoiceStore:
     """Voice files in one directory, shared by every worker of an endpoint."""
 
     def __init__(self, directory: Path, *, model_signature: str, variant: str,
-                 device: str = "cpu", cache_size: int = 32):
+                 device: str = "cpu", cache_bytes: int = DEFAULT_CACHE_BYTES):
         self.directory = Path(directory)
         self.model_signature = model_signature
         self.variant = variant
         self.device = device
-        self.cache_size = cache_size
+        # Parsed voices, least recently used first, bounded by the memory they
+        # hold (a voice's stored reference alone can be 58 MB), not by count.
+        self.cache_bytes = cache_bytes
         self._cache: "OrderedDict[str, StoredVoice]" = OrderedDict()
+        self._cached_bytes = 0
         self._lock = threading.Lock()
 
     def path_for(self, voice_id: str) -> Path:
@@ -265,9 +276,13 @@ class VoiceStore:
                 return cached
         parsed = parse_voice_file(data, device=self.device)
         with self._lock:
-            self._cache[digest] = parsed
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
+            if digest not in self._cache:
+                self._cache[digest] = parsed
+                self._cached_bytes += parsed.memory_bytes
+            # The newest voice stays even when it alone is over the bound: it is in use.
+            while self._cached_bytes > self.cache_bytes and len(self._cache) > 1:
+                _, evicted = self._cache.popitem(last=False)
+                self._cached_bytes -= evicted.memory_bytes
         return parsed
 
     def validated(self, voice_id: str, data: bytes) -> StoredVoice:

@@ -145,13 +145,32 @@ def test_replacement_of_equal_size_is_seen_on_the_next_load(store):
         store.load("narrator")
 
 
-def test_cache_is_bounded(tmp_path):
-    store = VoiceStore(tmp_path, model_signature=SIGNATURE, variant="original", cache_size=2)
+def test_cache_is_bounded_by_the_bytes_its_voices_hold(tmp_path):
+    probe = VoiceStore(tmp_path / "probe", model_signature=SIGNATURE, variant="original")
+    probe.path_for("p").parent.mkdir()
+    probe.path_for("p").write_bytes(voice_bytes("p", seed=0))
+    each = probe.load("p").memory_bytes
+    assert each > 0
+    store = VoiceStore(tmp_path, model_signature=SIGNATURE, variant="original",
+                       cache_bytes=int(2.5 * each))
     for i in range(4):
         store.path_for(f"v{i}").write_bytes(voice_bytes(f"v{i}", seed=i))
         store.load(f"v{i}")
     assert sorted(store.cached()) == ["v2", "v3"]
-    assert store.voice_ids() == ["v0", "v1", "v2", "v3"]
+    store.load("v2")  # used again: now the most recent
+    store.path_for("v4").write_bytes(voice_bytes("v4", seed=4))
+    store.load("v4")
+    assert sorted(store.cached()) == ["v2", "v4"]
+    assert store._cached_bytes == 2 * each
+    assert store.voice_ids() == ["v0", "v1", "v2", "v3", "v4"]
+
+
+def test_a_voice_over_the_cache_bound_is_still_served(tmp_path):
+    store = VoiceStore(tmp_path, model_signature=SIGNATURE, variant="original", cache_bytes=1)
+    for i in range(2):
+        store.path_for(f"v{i}").write_bytes(voice_bytes(f"v{i}", seed=i))
+        assert store.load(f"v{i}").voice_id == f"v{i}"
+    assert sorted(store.cached()) == ["v1"]
 
 
 def test_status_reports_unusable_directories(tmp_path):
