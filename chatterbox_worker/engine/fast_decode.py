@@ -15,7 +15,9 @@ built for throughput, on GPU above all:
 - **Per-row positions.** Each row writes its new K/V at its own position
   (``index_put``) and attends through a mask to its own length, with
   scaled-dot-product attention over the first ``length bucket`` positions
-  (a multiple of ``LENGTH_BUCKET``) rather than the whole cache.
+  (a multiple of ``LENGTH_BUCKET``) rather than the whole cache. The cache
+  itself grows by length buckets to what the requests admitted so far may
+  need (prompt + token budget), up to ``max_len``.
 - **CUDA graphs.** On CUDA the step from input embedding to logits is
   captured once per (slot bucket, length bucket) the first time it is needed
   and replayed after: the per-layer kernel launches that dominate a batch-1
@@ -127,9 +129,14 @@ class FastDecoder:
         if heads != config.num_attention_heads:
             raise ValueError("grouped-query attention is not supported (T3's Llama has none)")
         rows = 2 * slots
-        shape = (len(self.layers), rows, heads, max_len, self.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        # The cache grows (by whole length buckets, up to max_len) to what the
+        # longest request admitted so far may need, rather than starting at
+        # max_len: most pieces need a third of it.
+        self._cache_shape = (len(self.layers), rows, heads, self.head_dim)
+        self.capacity = 0
+        self.k_cache = self.v_cache = None
+        self._graphs: Dict[Tuple[int, int], "torch.cuda.CUDAGraph"] = {}
+        self._reserve(LENGTH_BUCKET)
         self.vocab = t3.hp.speech_tokens_dict_size
         # Rotary tables for every position, computed once as HF computes them per step.
         positions = torch.arange(max_len, device=self.device)[None]
@@ -156,8 +163,22 @@ class FastDecoder:
         if use_graphs and self.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
         self.cuda_graphs = use_graphs
-        self._graphs: Dict[Tuple[int, int], "torch.cuda.CUDAGraph"] = {}
         self._pool = None
+
+    def _reserve(self, length: int) -> None:
+        """Make the cache hold at least ``length`` positions per row."""
+        if length <= self.capacity:
+            return
+        capacity = min(self.max_len, -(-length // LENGTH_BUCKET) * LENGTH_BUCKET)
+        layers, rows, heads, head_dim = self._cache_shape
+        shape = (layers, rows, heads, capacity, head_dim)
+        k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        if self.capacity:
+            k_cache[:, :, :, :self.capacity] = self.k_cache
+            v_cache[:, :, :, :self.capacity] = self.v_cache
+        self.k_cache, self.v_cache, self.capacity = k_cache, v_cache, capacity
+        self._graphs.clear()  # captured graphs read the old buffers
 
     # -- membership ---------------------------------------------------------
 
@@ -274,6 +295,7 @@ class FastDecoder:
         if length + request.max_new_tokens >= self.max_len:
             raise ValueError(f"prompt of {length} positions plus {request.max_new_tokens} tokens "
                              f"exceeds the decoder's {self.max_len}")
+        self._reserve(length + request.max_new_tokens + 1)
         cache = DynamicCache()
         out = t3.tfmr(inputs_embeds=inputs, past_key_values=cache, use_cache=True)
         index = len(self._slots)
@@ -303,7 +325,7 @@ class FastDecoder:
             bucket *= 2
         bucket = min(bucket, self.slots)
         longest = max(slot.length for slot in self._slots) + 1
-        span = min(self.max_len, -(-longest // LENGTH_BUCKET) * LENGTH_BUCKET)
+        span = min(self.capacity, -(-longest // LENGTH_BUCKET) * LENGTH_BUCKET)
         # Rows past the running ones (free slots, or a slot about to be
         # prefilled) compute garbage at position 0 of their own rows: harmless.
         if bucket > n:

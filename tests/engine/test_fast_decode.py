@@ -250,3 +250,16 @@ def test_out_of_memory_in_a_shared_step_drops_only_the_newest_request(model, voi
     assert "out of memory" in str(errors[newest]) and isinstance(errors[newest].__cause__,
                                                                  torch.OutOfMemoryError)
     assert tokens[first] == alone  # the survivor's state was not disturbed
+
+
+def test_the_cache_grows_to_what_requests_need_without_disturbing_running_ones(model, voices):
+    short = make_request(model, voices["builtin"], "Short one.", seed=31, budget=20)
+    long = make_request(model, voices["clip"], "A longer request joins while the short one runs.",
+                        seed=32, budget=400)
+    alone = run(FastDecoder(model.t3, slots=2, max_len=1024), {0: [short]})[short]
+    decoder = FastDecoder(model.t3, slots=2, max_len=1024)
+    assert decoder.capacity == 256
+    short = make_request(model, voices["builtin"], "Short one.", seed=31, budget=20)
+    tokens = run(decoder, {0: [short], 5: [long]})
+    assert decoder.capacity == 512  # prompt + 400 tokens, rounded up to a length bucket
+    assert tokens[short] == alone and len(tokens[long]) == 400
