@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -15,7 +17,9 @@ sys.path.insert(0, str(ROOT))
 
 # diffusers writes under HF_HOME at import; tests never touch the user's cache
 # and never reach the Hub.
-os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="cbw-hf-"))
+if "HF_HOME" not in os.environ:
+    os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="cbw-hf-")
+    atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)  # leave no trace
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 
