@@ -100,7 +100,9 @@ def set_t3_format(t3: torch.nn.Module, dtype: str) -> torch.nn.Module:
     if dtype == "int8":
         from torch.ao.quantization import quantize_dynamic
 
-        t3.tfmr = quantize_dynamic(t3.tfmr, {torch.nn.Linear}, dtype=torch.qint8)
+        # In place: each layer's float weights are freed as it is swapped,
+        # so the peak stays near one float32 copy of T3.
+        quantize_dynamic(t3.tfmr, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
         t3.speech_head = quantize_dynamic(torch.nn.Sequential(t3.speech_head), {torch.nn.Linear},
                                           dtype=torch.qint8)[0]
         return t3
@@ -139,6 +141,7 @@ def load_model(source: WeightSource, *, variant: str, device: str,
     if "model" in t3_state:  # some exports nest the state dict, as upstream allows
         t3_state = t3_state["model"][0]
     _load_state(t3, t3_state, "t3_cfg.safetensors")
+    del t3_state  # the module holds its own copy; do not keep a second one through loading
 
     s3gen = build_s3gen(sizes)
     # Upstream loads S3Gen non-strictly: the tokenizer's mel filters and window
