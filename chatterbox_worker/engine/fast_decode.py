@@ -47,7 +47,6 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from .batch_decode import DecodeRequest, StepEvent
 from .decode import SamplingParams, prefill_inputs
@@ -163,6 +162,7 @@ class FastDecoder:
         if use_graphs and self.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
         self.cuda_graphs = use_graphs
+        self._fused = _fuse_projections(self.layers)
         self._pool = None
 
     def _reserve(self, length: int) -> None:
@@ -374,15 +374,21 @@ class FastDecoder:
         return graph
 
     def _step_body(self, bucket: int, span: int) -> None:
-        """Embedding of each slot's last token -> logits; graph-capturable (no host reads)."""
+        """Embedding of each slot's last token -> logits; graph-capturable (no host reads).
+
+        Few kernels per layer, since on a GPU a batch-1 step is bound by
+        their number: one product for q, k and v and one for gate and up
+        (``_fuse_projections``), rotary positions on q and k together.
+        """
         t3 = self.t3
         rows = 2 * bucket
+        heads = self._cache_shape[2]
         tokens = self.last_token[:bucket]
         embed = t3.speech_emb(tokens) + t3.speech_pos_emb.emb(self.speech_pos[:bucket])
         hidden = embed.repeat_interleave(2, dim=0)[:, None, :]  # (rows, 1, dim)
         pos = self.row_pos[:rows]
-        cos = self.cos[pos][:, None, :]
-        sin = self.sin[pos][:, None, :]
+        cos = self.cos[pos][:, None, None, :]  # (rows, 1, 1, head_dim): every head, one position
+        sin = self.sin[pos][:, None, None, :]
         row_index = torch.arange(rows, device=self.device)
         visible = torch.arange(span, device=self.device)[None, :] <= pos[:, None]
         mask = visible[:, None, None, :]  # (rows, 1, 1, span)
@@ -390,20 +396,30 @@ class FastDecoder:
             attn = layer.self_attn
             residual = hidden
             x = layer.input_layernorm(hidden)
-            shape = (rows, 1, -1, self.head_dim)
-            q = attn.q_proj(x).view(shape).transpose(1, 2)
-            k = attn.k_proj(x).view(shape).transpose(1, 2)
-            v = attn.v_proj(x).view(shape).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            if self._fused is not None:
+                qkv = F.linear(x, self._fused[layer_idx][0]).view(rows, 1, 3 * heads, self.head_dim)
+                qk, v = qkv[:, :, :2 * heads], qkv[:, :, 2 * heads:]
+            else:  # int8 linears cannot share one product
+                shape = (rows, 1, heads, self.head_dim)
+                qk = torch.cat([attn.q_proj(x).view(shape), attn.k_proj(x).view(shape)], dim=2)
+                v = attn.v_proj(x).view(shape)
+            qk = qk * cos + _rotate_half(qk) * sin  # HF's rotary, on q and k at once
+            q, k = qk[:, :, :heads].transpose(1, 2), qk[:, :, heads:]  # q: (rows, heads, 1, D)
             keys = self.k_cache[layer_idx, :rows]
             values = self.v_cache[layer_idx, :rows]
-            keys[row_index, :, pos] = k[:, :, 0]
-            values[row_index, :, pos] = v[:, :, 0]
+            keys[row_index, :, pos] = k[:, 0]
+            values[row_index, :, pos] = v[:, 0]
             out = F.scaled_dot_product_attention(q, keys[:, :, :span], values[:, :, :span],
                                                  attn_mask=mask, scale=attn.scaling)
             hidden = residual + attn.o_proj(out.transpose(1, 2).reshape(rows, 1, -1))
             residual = hidden
-            hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
+            x = layer.post_attention_layernorm(hidden)
+            mlp = layer.mlp
+            if self._fused is not None:
+                gate, up = F.linear(x, self._fused[layer_idx][1]).chunk(2, dim=-1)
+            else:
+                gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+            hidden = residual + mlp.down_proj(mlp.act_fn(gate) * up)
         hidden = t3.tfmr.norm(hidden)
         self.logits[:rows].copy_(t3.speech_head(hidden[:, -1, :]).float())
 
@@ -454,6 +470,44 @@ def sampling_probs(cond: torch.Tensor, uncond: torch.Tensor, params: torch.Tenso
         drop[:, -1] = False
         scores = scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     return torch.softmax(scores, dim=-1)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _fuse_projections(layers) -> Optional[List[Tuple[torch.Tensor, torch.Tensor]]]:
+    """One (q|k|v, gate|up) weight pair per layer, or None when the linears are not plain.
+
+    The layer's own q, k, v, gate and up weights become views into the fused
+    tensors (same values, no second copy), so HF's forward, used for the
+    prefill, reads the very same memory. Done once per model.
+    """
+    fused = []
+    for layer in layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        groups = ([attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj])
+        if not all(isinstance(m, torch.nn.Linear) and type(m) is torch.nn.Linear and m.bias is None
+                   for group in groups for m in group):
+            return None
+        pair = []
+        for group in groups:
+            existing = getattr(group[0], "_fused_weight", None)
+            if existing is not None and all(
+                    m.weight.data_ptr() == existing[sum(g.out_features for g in group[:i]):].data_ptr()
+                    for i, m in enumerate(group)):
+                pair.append(existing)
+                continue
+            weight = torch.cat([m.weight.detach() for m in group], dim=0)
+            start = 0
+            for m in group:
+                m.weight.data = weight[start:start + m.out_features]
+                start += m.out_features
+            group[0]._fused_weight = weight
+            pair.append(weight)
+        fused.append(tuple(pair))
+    return fused
 
 
 class OutOfMemory(RuntimeError):
