@@ -21,8 +21,6 @@ import argparse
 import contextlib
 import copy
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -35,24 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from chatterbox_worker.engine.quiet import filter_third_party_warnings  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from throughput_bench import machine  # noqa: E402  (one description of the machine for both)
+
 TEXT = ("The quick brown fox jumps over the lazy dog, and then it runs all the way home "
         "across the fields, past the old mill and the river, before the sun goes down.")
-
-
-def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def sync(device: str) -> None:
