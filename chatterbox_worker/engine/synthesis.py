@@ -20,6 +20,7 @@ from .decode import SamplingParams, decode_speech_tokens, text_tokens_for
 from .batch_decode import BatchDecoder, DecodeRequest
 from .fast_decode import FastDecoder
 from .model import ChatterboxModel, t3_format
+from .priority_lock import FIRST_AUDIO, STREAM, WHOLE, PriorityLock
 from .scheduler import Scheduler
 from .text import split_text, token_budget
 from .vocoder import (FLOW_STEPS, StreamingVocoder, StreamSchedule, Watermarker, speakable,
@@ -133,8 +134,11 @@ class Engine:
         # from torch's global generator (inside a saved and restored state) and
         # is not re-entrant, nor is building a voice: those take this lock, one
         # vocoder call at a time, so that one job's vocoding never waits for
-        # another's whole take, only for the call in progress.
-        self._lock = threading.Lock()
+        # another's whole take, only for the call in progress. Waiters are
+        # served by urgency: a stream's first chunk, then later chunks, then
+        # whole takes (``priority_lock``); a token that completes no chunk
+        # takes no lock at all.
+        self._lock = PriorityLock()
         self._scheduler: Optional[Scheduler] = None
         self._scheduler_guard = threading.Lock()
         # Backbones the BatchDecoder does not support decode with the
@@ -148,7 +152,7 @@ class Engine:
         return self._builtin
 
     def voice_from_clips(self, clips_24k: Sequence[np.ndarray], prompt_clip: int = 0) -> VoiceConditionals:
-        with self._lock:
+        with self._lock.hold(WHOLE):
             return build_conditionals(self.model, clips_24k, prompt_clip)
 
     def speech_tokens(self, request: SynthesisRequest, piece: str, generator: torch.Generator,
@@ -235,13 +239,13 @@ class Engine:
             tokens = speakable(tokens)
             n_audio_tokens += len(tokens)
             _, gen = request.voice.for_request(request.exaggeration)
-            with self._lock:
+            with self._lock.hold(WHOLE):
                 audio.append(vocode_whole(self.model, tokens, gen,
                                           seed=(request.seed + index) % SEED_MODULUS,
                                           steps=self.flow_steps))
             if progress is not None:
                 progress(index + 1, len(pieces))
-        with self._lock:
+        with self._lock.hold(WHOLE):
             take = self.watermarker.apply(join_pieces(audio, self.sample_rate), self.sample_rate)
         take = np.clip(take, -1.0, 1.0).astype(np.float32)
         return Synthesis(audio=take, sample_rate=self.sample_rate, pieces=len(pieces),
@@ -258,6 +262,7 @@ class Engine:
         pause = np.zeros(int(PIECE_PAUSE_S * self.sample_rate), dtype=np.float32)
         fade = int(PIECE_FADE_S * self.sample_rate) if len(pieces) > 1 else 0
         generator = self.new_generator(request.seed)
+        first = True  # no audio of this take has gone out yet
         for index, piece in enumerate(pieces):
             if index:
                 yield pause
@@ -268,18 +273,24 @@ class Engine:
             tokens = self.speech_tokens(request, piece, generator, max_tokens)
             try:
                 for token in tokens:
-                    with self._lock:
-                        audio = vocoder.push([token])
-                    if audio is not None and audio.size:
-                        yield self._mark(edges.shape(audio, last=False))
+                    if not vocoder.add([token]):
+                        continue
+                    urgency = FIRST_AUDIO if first else STREAM
+                    with self._lock.hold(urgency):
+                        audio = vocoder.take()
+                    if audio.size:
+                        yield self._mark(edges.shape(audio, last=False), urgency)
+                        first = False
             finally:
                 tokens.close()  # a closed stream leaves the decoder before its next step
-            with self._lock:
+            urgency = FIRST_AUDIO if first else STREAM
+            with self._lock.hold(urgency):
                 audio = vocoder.finish()
-            yield self._mark(edges.shape(audio, last=True))
+            yield self._mark(edges.shape(audio, last=True), urgency)
+            first = False
 
-    def _mark(self, audio: np.ndarray) -> np.ndarray:
-        with self._lock:
+    def _mark(self, audio: np.ndarray, urgency: int = STREAM) -> np.ndarray:
+        with self._lock.hold(urgency):
             marked = self.watermarker.apply(audio, self.sample_rate)
         return np.clip(marked, -1.0, 1.0).astype(np.float32)
 

@@ -198,11 +198,19 @@ class StreamingVocoder:
 
     def push(self, new_tokens) -> Optional[np.ndarray]:
         """Add tokens; returns audio when the next chunk of the schedule is due, else None."""
+        return self.take() if self.add(new_tokens) else None
+
+    def add(self, new_tokens) -> bool:
+        """Add tokens (cheap, no model call); True when the next chunk is due (``take`` it)."""
         self.tokens.extend(int(t) for t in speakable(new_tokens).tolist())
-        ready = len(self.tokens) - LOOKAHEAD_TOKENS
-        if ready - self.emitted >= self.schedule.chunk_size(self.chunks):
-            return self._vocode(ready, final=False)
-        return None
+        return self._ready() - self.emitted >= self.schedule.chunk_size(self.chunks)
+
+    def take(self) -> np.ndarray:
+        """Vocode the chunk that ``add`` said is due."""
+        return self._vocode(self._ready(), final=False)
+
+    def _ready(self) -> int:
+        return len(self.tokens) - LOOKAHEAD_TOKENS
 
     def finish(self) -> np.ndarray:
         """The rest of the piece, tail included."""

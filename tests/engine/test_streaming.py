@@ -175,3 +175,27 @@ def test_chunks_carry_the_watermark(engine, plain):
     unmarked = list(itertools.islice(plain.stream(request(plain)), 2))
     assert [len(c) for c in marked] == [len(c) for c in unmarked]
     assert not np.array_equal(marked[1], unmarked[1])
+
+
+def test_a_streams_first_chunk_asks_the_vocoder_first(engine, monkeypatch):
+    """The first chunk of a take (its fade and watermark too) waits at FIRST_AUDIO
+    urgency, later chunks at STREAM, one-shot takes at WHOLE."""
+    from chatterbox_worker.engine import priority_lock
+    from chatterbox_worker.engine.priority_lock import FIRST_AUDIO, STREAM, WHOLE
+
+    asked = []
+    hold = priority_lock.PriorityLock.hold
+
+    def recording(self, priority=STREAM):
+        asked.append(priority)
+        return hold(self, priority)
+
+    monkeypatch.setattr(priority_lock.PriorityLock, "hold", recording)
+    request = SynthesisRequest(text="Hello there, one piece.", voice=engine.builtin_voice, seed=3)
+    chunks = list(engine.stream(request, max_tokens=60))
+    assert len(chunks) >= 3
+    assert asked[:2] == [FIRST_AUDIO, FIRST_AUDIO]  # vocode, watermark
+    assert set(asked[2:]) == {STREAM}
+    asked.clear()
+    engine.synthesize(request, max_tokens=20)
+    assert set(asked) == {WHOLE}
