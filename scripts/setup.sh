@@ -27,13 +27,12 @@ echo "setup: torch from $TORCH_FILE"
 "${PIP[@]}" install --quiet -r "$TORCH_FILE"
 "${PIP[@]}" install --quiet -r requirements/dev.txt
 
-# torchaudio 2.11's compiled extension is built for CUDA and cannot load beside
-# a CPU torch; without it torchaudio falls back to the pure-Python parts that
-# Chatterbox uses. Only done for CPU torch.
-if "$VENV/bin/python" -c "import torch,sys; sys.exit(0 if torch.version.cuda is None else 1)"; then
-  site=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-  rm -f "$site"/torchaudio/lib/*.so
-fi
+# torchaudio 2.11's compiled extension is built for torch 2.11 with CUDA and
+# matches neither the CPU nor the CUDA build of torch 2.13; without it
+# torchaudio falls back to the pure-Python parts that Chatterbox uses. The
+# image (Dockerfile) removes it the same way, so both run the same code.
+site=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+rm -f "$site"/torchaudio/lib/*.so
 
 # Warm librosa's numba JIT cache once, so the first test or job does not pay it.
 HF_HOME=${HF_HOME:-$PWD/.cache/huggingface} "$VENV/bin/python" - <<'PY'
