@@ -2,7 +2,8 @@
 #   docker build -t chatterbox-worker .                                # weights baked in (default)
 #   docker build --build-arg BAKE_WEIGHTS=0 -t chatterbox-worker .     # weights from the volume / Hub
 # torch's CUDA wheels carry the CUDA runtime; the host's driver does the rest,
-# so a slim Python base is enough (no CUDA base image needed).
+# so a slim Python base is enough (no CUDA base image needed). The torch that
+# ships is PyPI's own build (CUDA 13.0: NVIDIA driver 580 or newer).
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS builder
@@ -13,9 +14,12 @@ WORKDIR /build
 COPY requirements.txt ./
 COPY requirements/torch-cuda.txt ./requirements/
 # The runtime lock is complete: --no-deps keeps chatterbox-tts from pulling
-# torch 2.6, gradio and other extras that inference never uses.
+# torch 2.6, gradio and other extras that inference never uses. torchaudio's
+# compiled library is built for an older torch and is removed, as on the test
+# machines: inference uses only its pure-Python parts.
 RUN pip install --no-deps -r requirements.txt \
- && pip install -r requirements/torch-cuda.txt
+ && pip install -r requirements/torch-cuda.txt \
+ && rm -f "$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"/torchaudio/lib/*.so
 COPY chatterbox_worker ./chatterbox_worker
 COPY builder ./builder
 ARG VARIANT=original
@@ -27,21 +31,23 @@ RUN mkdir -p /opt/chatterbox/weights \
 
 FROM ${PYTHON_IMAGE}
 ARG BAKE_WEIGHTS=1
+# The account the worker runs as; root keeps root (also settable at run time).
 ARG WORKER_USER=worker
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 \
     CHATTERBOX_BAKED_DIR=/opt/chatterbox/weights \
     HF_HOME=/tmp/hf-home NUMBA_CACHE_DIR=/tmp/numba-cache \
-    HF_HUB_OFFLINE=${BAKE_WEIGHTS}
+    HF_HUB_OFFLINE=${BAKE_WEIGHTS} WORKER_USER=${WORKER_USER}
 RUN useradd --create-home --uid 1000 worker \
- && mkdir -p /app/voices && chown worker /app/voices
+ && mkdir -p /app/voices /app/output \
+ && chown worker:worker /app/voices /app/output
 COPY --from=builder /opt/venv /opt/venv
 COPY --from=builder /opt/chatterbox/weights /opt/chatterbox/weights
 WORKDIR /app
+COPY builder/entrypoint.sh /usr/local/bin/chatterbox-entrypoint
 COPY chatterbox_worker ./chatterbox_worker
 COPY handler.py test_input.json ./
-# Non-root by default. RunPod mounts the network volume at /runpod-volume; if
-# it is root-owned and not writable, the worker starts anyway, says so in one
-# log line and in `health`, and voice uploads fail with storage_unavailable:
-# build with --build-arg WORKER_USER=root for such volumes.
-USER ${WORKER_USER}
+RUN python -m compileall -q chatterbox_worker
+# Starts as root only to make the voices directory on a root-owned network
+# volume (/runpod-volume) the worker's, then runs the worker as WORKER_USER.
+ENTRYPOINT ["/bin/sh", "/usr/local/bin/chatterbox-entrypoint"]
 CMD ["python", "-u", "handler.py"]
