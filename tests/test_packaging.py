@@ -108,3 +108,92 @@ def test_the_contract_documents_every_setting_and_error_code():
              if isinstance(cls, type) and issubclass(cls, errors.WorkerError)}
     missing += [code for code in sorted(codes) if f"`{code}`" not in contract]
     assert not missing, missing
+
+
+import os  # noqa: E402  (these checks were appended; kept apart from the ones above)
+import shutil  # noqa: E402
+
+# The CUDA version of PyPI's Linux torch build, by torch release (read from the
+# wheel's metadata: torch 2.13.0 requires cuda-toolkit 13.0.3). Bumping torch
+# without revisiting the Hub's allowed CUDA versions fails here.
+PYPI_TORCH_CUDA = {"2.13": "13.0"}
+
+
+def requirement_pins(path: Path) -> dict:
+    pins = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if "==" in line:
+            name, version = line.split("==", 1)
+            pins[name.strip().lower()] = version.strip()
+    return pins
+
+
+def test_the_image_ships_the_torch_the_tests_run_from_the_default_index():
+    cuda_file = ROOT / "requirements" / "torch-cuda.txt"
+    options = [line for line in cuda_file.read_text().splitlines() if line.strip().startswith("-")]
+    assert not options, f"the image installs from the default package index only: {options}"
+    image, tested = requirement_pins(cuda_file), requirement_pins(ROOT / "requirements" / "torch-cpu.txt")
+    assert image == tested, (image, tested)
+    import torch
+
+    assert torch.__version__.split("+")[0] == tested["torch"], "the suite runs on another torch than it pins"
+
+
+def test_hub_cuda_versions_are_those_the_shipped_torch_runs_on():
+    torch_version = requirement_pins(ROOT / "requirements" / "torch-cuda.txt")["torch"]
+    needed = PYPI_TORCH_CUDA[".".join(torch_version.split(".")[:2])]
+    as_tuple = lambda v: tuple(int(p) for p in v.split("."))  # noqa: E731
+    hub = json.loads((ROOT / ".runpod" / "hub.json").read_text())["config"]["allowedCudaVersions"]
+    tests = json.loads((ROOT / ".runpod" / "tests.json").read_text())["config"]["allowedCudaVersions"]
+    for allowed in (hub, tests):
+        assert allowed and all(as_tuple(v) >= as_tuple(needed) for v in allowed), (allowed, needed)
+    assert f"CUDA {needed}" in (ROOT / "README.md").read_text()
+
+
+def test_the_image_starts_as_root_only_to_prepare_the_volume():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert not [line for line in dockerfile.splitlines() if line.startswith("USER")]
+    assert 'ENTRYPOINT ["/bin/sh", "/usr/local/bin/chatterbox-entrypoint"]' in dockerfile
+    assert "COPY builder/entrypoint.sh /usr/local/bin/chatterbox-entrypoint" in dockerfile
+    assert "/app/output" in dockerfile
+
+
+needs_root = pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() != 0 or shutil.which("setpriv") is None,
+    reason="the entry point drops root with setpriv: needs root and setpriv")
+
+
+@needs_root
+def test_entrypoint_gives_the_voices_dir_to_the_worker_and_drops_root():
+    import pwd
+    import tempfile
+
+    nobody = pwd.getpwnam("nobody")
+    volume = Path(tempfile.mkdtemp(prefix="cbw-volume-", dir="/tmp"))  # root-owned, like RunPod's
+    try:
+        volume.chmod(0o755)
+        voices = volume / "voices"
+        (volume / "old").mkdir()
+        env = {"PATH": os.environ["PATH"], "WORKER_USER": "nobody", "VOICES_DIR": str(voices)}
+        done = subprocess.run(
+            ["/bin/sh", str(ROOT / "builder" / "entrypoint.sh"), "/bin/sh", "-c",
+             'id -u; grep NoNewPrivs /proc/self/status; echo x > "$VOICES_DIR/a.pth"; echo "$HOME"'],
+            env=env, capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+        uid, no_new_privs, home = done.stdout.split("\n")[:3]
+        assert int(uid) == nobody.pw_uid and no_new_privs.split()[-1] == "1"
+        assert home == nobody.pw_dir
+        assert voices.stat().st_uid == nobody.pw_uid and (voices / "a.pth").stat().st_uid == nobody.pw_uid
+        assert volume.stat().st_uid == 0  # only the voices directory changes hands
+
+        env["WORKER_USER"] = "root"
+        done = subprocess.run(["/bin/sh", str(ROOT / "builder" / "entrypoint.sh"), "id", "-u"],
+                              env=env, capture_output=True, text=True, timeout=30)
+        assert done.stdout.strip() == "0"
+        env["WORKER_USER"] = "no-such-account"
+        done = subprocess.run(["/bin/sh", str(ROOT / "builder" / "entrypoint.sh"), "id", "-u"],
+                              env=env, capture_output=True, text=True, timeout=30)
+        assert done.returncode == 1 and "no-such-account" in done.stderr and not done.stdout
+    finally:
+        shutil.rmtree(volume)
