@@ -197,3 +197,22 @@ def test_entrypoint_gives_the_voices_dir_to_the_worker_and_drops_root():
         assert done.returncode == 1 and "no-such-account" in done.stderr and not done.stdout
     finally:
         shutil.rmtree(volume)
+
+
+def test_hub_inputs_have_the_workers_types_and_bounds():
+    """A value the Hub form accepts is one the worker accepts: booleans for switches, bounds for numbers."""
+    from annotated_types import Ge, Le
+
+    from chatterbox_worker.config import Settings
+
+    field_of = {variable: name for name, variable in ENVIRONMENT.items()}
+    hub = json.loads((ROOT / ".runpod" / "hub.json").read_text())
+    for entry in hub["config"]["env"]:
+        field = Settings.model_fields[field_of[entry["key"]]]
+        spec = entry["input"]
+        if field.annotation is bool:
+            assert spec["type"] == "boolean", entry["key"]
+        if spec["type"] == "number":
+            bounds = {type(m): m for m in field.metadata}
+            assert spec.get("min") == (bounds[Ge].ge if Ge in bounds else None), entry["key"]
+            assert spec.get("max") == (bounds[Le].le if Le in bounds else None), entry["key"]
