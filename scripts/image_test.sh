@@ -14,8 +14,8 @@
 # needs a registry), which trusts this machine's own CA certificates so that
 # pip inside the build reaches the package index.
 #
-# Settings: KEEP=1 keeps the built image and base image (the next run rebuilds
-# only what changed); PORT (default 8765) for the dev API; PYTHON (default
+# Settings: KEEP=1 keeps the built image and the base image; SKIP_BUILD=1 then
+# reuses the kept image (checks only); PORT (default 8765) for the dev API; PYTHON (default
 # .venv/bin/python) makes the tiny checkpoint; ENGINE=docker|podman forces one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -78,7 +78,9 @@ trap cleanup EXIT
 
 # ---- build ------------------------------------------------------------------
 build_start=$SECONDS
-if [ "$ENGINE" = docker ]; then
+if [ "${SKIP_BUILD:-0}" = 1 ] && ctr image inspect "$TAG" >/dev/null 2>&1; then
+  log "SKIP_BUILD=1: using the existing $TAG"
+elif [ "$ENGINE" = docker ]; then
   log "building with docker (BAKE_WEIGHTS=0)"
   docker build --build-arg BAKE_WEIGHTS=0 -t "$TAG" . || fail "docker build"
 else
@@ -106,10 +108,10 @@ build_s=$((SECONDS - build_start))
 size_bytes=$(ctr image inspect --format '{{.Size}}' "$TAG")
 size_gb=$(awk -v b="$size_bytes" 'BEGIN { printf "%.2f", b / 1e9 }')
 log "built $TAG in ${build_s}s: ${size_gb} GB"
-ctr run --rm "${LIMITS[@]}" --entrypoint /bin/sh "$TAG" -c \
+ctr run --rm "${LIMITS[@]}" --network none --entrypoint /bin/sh "$TAG" -c \
   'cd "$(python -c "import sysconfig; print(sysconfig.get_paths()[\"purelib\"])")" &&
-   python -c "import torch, torchaudio; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"torchaudio\", torchaudio.__version__)" &&
-   du -sh nvidia torch triton cuda* 2>/dev/null | sort -rh' >&2 || fail "torch does not import in the image"
+   python -c "import torch, torchaudio; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.get_arch_list(), \"torchaudio\", torchaudio.__version__)" &&
+   du -sh /opt/venv nvidia torch triton cuda* 2>/dev/null | sort -rh | head -n 6' >&2 || fail "torch does not import in the image"
 
 # ---- a tiny checkpoint and a root-owned "network volume" --------------------
 log "making a tiny random checkpoint"
@@ -120,7 +122,7 @@ MODEL=(-v "$WORK/tiny:/models/tiny:ro" -e CHATTERBOX_MODEL_DIR=/models/tiny)
 
 # ---- 1. the local test run: python handler.py writes its audio ---------------
 log "check: python handler.py (test_input.json) in the container"
-ctr run --rm "${LIMITS[@]}" "${MODEL[@]}" "$TAG" sh -c \
+ctr run --rm "${LIMITS[@]}" --network none "${MODEL[@]}" "$TAG" sh -c \
   'set -e; path=$(python -u handler.py); test -s "$path";
    echo "local run: wrote $path ($(wc -c < "$path") bytes) as uid $(id -u)"' \
   || fail "python handler.py did not write its audio"
