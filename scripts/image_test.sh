@@ -111,7 +111,7 @@ log "built $TAG in ${build_s}s: ${size_gb} GB"
 ctr run --rm "${LIMITS[@]}" --network none --entrypoint /bin/sh "$TAG" -c \
   'cd "$(python -c "import sysconfig; print(sysconfig.get_paths()[\"purelib\"])")" &&
    python -c "import torch, torchaudio; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.get_arch_list(), \"torchaudio\", torchaudio.__version__)" &&
-   du -sh /opt/venv nvidia torch triton cuda* 2>/dev/null | sort -rh | head -n 6' >&2 || fail "torch does not import in the image"
+   du -sh nvidia torch triton cuda* 2>/dev/null | sort -rh | head -n 5; du -sh /opt/venv' >&2 || fail "torch does not import in the image"
 
 # ---- a tiny checkpoint and a root-owned "network volume" --------------------
 log "making a tiny random checkpoint"
@@ -145,6 +145,7 @@ for _ in $(seq 600); do
 done
 [ -n "$answer" ] || fail "no answer within 300 s"
 first_answer_s=$(awk -v a="$start_ns" -v b="$(date +%s%N)" 'BEGIN { printf "%.1f", (b - a) / 1e9 }')
+ctr logs "$NAME" 2>&1 | grep -E "loaded from|warm-up" >&2 || true
 echo "$answer" | python3 -c 'import json, sys; h = json.load(sys.stdin); print("health:", json.dumps(h)); assert h["storage"]["voices"] == "ok", "voices storage not ok"' >&2 \
   || fail "health: the voices directory on the volume is not usable"
 

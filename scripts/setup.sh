@@ -27,10 +27,10 @@ echo "setup: torch from $TORCH_FILE"
 "${PIP[@]}" install --quiet -r "$TORCH_FILE"
 "${PIP[@]}" install --quiet -r requirements/dev.txt
 
-# torchaudio 2.11's compiled extension is built for torch 2.11 with CUDA and
-# matches neither the CPU nor the CUDA build of torch 2.13; without it
-# torchaudio falls back to the pure-Python parts that Chatterbox uses. The
-# image (Dockerfile) removes it the same way, so both run the same code.
+# torchaudio 2.11's compiled extension links CUDA and cannot load beside a CPU
+# torch; without it torchaudio falls back to the pure-Python parts that
+# Chatterbox uses. It is removed on every torch (and in the image, Dockerfile)
+# so that the tests, GPU hosts and the image all run the same code.
 site=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 rm -f "$site"/torchaudio/lib/*.so
 
