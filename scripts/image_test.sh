@@ -5,7 +5,7 @@
 # start to first answer.
 #   bash scripts/image_test.sh
 #
-# Not part of .ci/run: it needs ~50 GB of free disk at its peak and ~10 min.
+# Not part of .ci/run: it needs ~30 GB of free disk at its peak (measured) and ~10 min.
 # The image is built without weights (BAKE_WEIGHTS=0) and runs a tiny random
 # checkpoint made here (python -m chatterbox_worker.tiny_model), mounted.
 # With a Docker daemon it uses `docker`; without one (as root, on Debian) it
