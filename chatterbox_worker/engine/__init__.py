@@ -7,6 +7,7 @@ Importing this package is cheap: the heavy upstream modules load in
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 from ..config import Settings
@@ -27,6 +28,12 @@ def load_engine(settings: Settings) -> Engine:
 
     started = time.perf_counter()
     device = default_device(settings.device)
+    if device == "cpu" and settings.device == "auto" and os.environ.get("RUNPOD_POD_ID"):
+        # On RunPod a CPU fallback is almost always a host whose NVIDIA driver
+        # is too old for the shipped torch: say so, loudly, before a slow start.
+        log.warning("no usable CUDA device on this RunPod worker: running on the CPU, far "
+                    "slower than real time. The image's torch needs NVIDIA driver 580 or "
+                    "newer (CUDA 13.0); set CHATTERBOX_DEVICE=cuda to fail instead")
     source = locate_weights(settings.variant, model_dir=settings.model_dir,
                             baked_dir=settings.baked_model_dir,
                             volume_hf_cache=settings.volume_hf_cache)
