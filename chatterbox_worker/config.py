@@ -12,7 +12,8 @@ import os
 from pathlib import Path
 from typing import Literal, Mapping, Optional, Tuple
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator,
+                      model_validator)
 
 from .errors import ConfigError
 
@@ -58,6 +59,13 @@ ENVIRONMENT = {
     "stream_left_context_tokens": "STREAM_LEFT_CONTEXT_TOKENS",
     "stream_prompt_tokens": "STREAM_PROMPT_TOKENS",
     "log_level": "LOG_LEVEL",
+    "host": "HOST",
+    "port": "PORT",
+    "port_health": "PORT_HEALTH",
+    "api_key": "API_KEY",
+    "allow_no_api_key": "ALLOW_NO_API_KEY",
+    "max_queue": "MAX_QUEUE",
+    "cors_origins": "CORS_ORIGINS",
 }
 
 
@@ -113,6 +121,19 @@ class Settings(BaseModel):
     stream_left_context_tokens: int = Field(default=16, ge=1, le=200)
     stream_prompt_tokens: int = Field(default=50, ge=0, le=500)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # HTTP server mode (python -m chatterbox_worker.server). PORT_HEALTH: a second
+    # port for /ping and /health (RunPod load-balancing endpoints), when different.
+    host: str = "0.0.0.0"
+    port: int = Field(default=8000, ge=1, le=65535)
+    port_health: Optional[int] = Field(default=None, ge=1, le=65535)
+    # Required in X-API-Key (or Authorization: Bearer on the OpenAI routes) when set.
+    api_key: Optional[SecretStr] = None
+    # Serving a non-loopback address without API_KEY is refused unless this says it is meant.
+    allow_no_api_key: bool = False
+    # Requests that may wait for a free slot once MAX_CONCURRENCY run; beyond: 429.
+    max_queue: int = Field(default=16, ge=0, le=10_000)
+    # Comma-separated origins allowed by CORS; unset: no CORS headers.
+    cors_origins: Optional[str] = None
 
     @field_validator("stream_chunk_tokens", mode="before")
     @classmethod
