@@ -1,8 +1,9 @@
-"""A RunPod job in, the items it yields out.
+"""A RunPod job in, the items it yields out: the RunPod adapter over ``service``.
 
-The only module that knows the job dict: it validates the input, calls the
-engine and the voice store, encodes the audio and shapes the items of
-docs/API.md. Every failure becomes exactly one ``{"error": "<code>: <message>"}``
+The only module that knows the job dict: it validates the input, hands the
+work to the service, and shapes what comes back into the items of
+docs/API.md (base64 audio, chunk items under RunPod's 1 MB, inline or S3
+results). Every failure becomes exactly one ``{"error": "<code>: <message>"}``
 item; no exception escapes to the SDK.
 """
 
@@ -12,29 +13,19 @@ import asyncio
 import base64
 import concurrent.futures
 import contextlib
-import itertools
 import logging
-import platform
-import secrets
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Iterator, Optional
 
-import numpy as np
-
-
-from . import __version__
-from .audio import (CONTENT_TYPES, EXTENSIONS, Resampler, bytes_per_second, encode_audio,
-                    new_encoder)
+from .audio import CONTENT_TYPES, EXTENSIONS, bytes_per_second
 from .config import Settings
-from .engine import Cancelled, Engine, SamplingParams, StreamSchedule, SynthesisRequest
-from .errors import (InternalError, InvalidInput, OutputTooLarge, StorageUnavailable, WorkerError,
-                     excerpt)
+from .engine import Cancelled, Engine
+from .errors import InternalError, OutputTooLarge, StorageUnavailable, WorkerError
 from .schemas import (GenerateRequest, GetVoiceRequest, HealthRequest, ListVoicesRequest,
                       UploadVoiceRequest, parse_request)
-from .storage import OutputStorage, S3Storage, output_key
-from .voice_library import VoiceLibrary
+from .service import JobSummary, Service, create_service, timings
+from .storage import OutputStorage, output_key
 from .voices import VoiceStore
 
 log = logging.getLogger("chatterbox_worker.jobs")
@@ -43,47 +34,30 @@ ProgressCallback = Callable[[dict, dict], None]
 _END = object()  # end of a job's items
 
 
-@dataclass
-class JobSummary:
-    """What the one log line at the end of each job says."""
-
-    job_id: str
-    action: str = "?"
-    voice: str = "-"
-    audio_s: float = 0.0
-    ttfa_s: Optional[float] = None
-    total_s: float = 0.0
-    outcome: str = "ok"
-    extra: dict = field(default_factory=dict)
-
-    def line(self) -> str:
-        rtf = self.total_s / self.audio_s if self.audio_s else None
-        parts = [f"job={self.job_id}", f"action={self.action}", f"voice={self.voice}",
-                 f"audio_s={self.audio_s:.2f}",
-                 f"ttfa_s={self.ttfa_s:.3f}" if self.ttfa_s is not None else "ttfa_s=-",
-                 f"total_s={self.total_s:.3f}", f"rtf={rtf:.3f}" if rtf else "rtf=-",
-                 f"outcome={self.outcome}"]
-        return " ".join(parts)
-
-
 class JobRunner:
-    """Runs jobs against one warm engine and one voice store."""
+    """Runs RunPod jobs against one service (a warm engine and one voice store)."""
 
     def __init__(self, settings: Settings, engine: Engine, voices: VoiceStore, *,
                  storage: Optional[OutputStorage] = None,
-                 progress: Optional[ProgressCallback] = None):
-        self.settings = settings
-        self.engine = engine
-        self.voices = voices
-        self.library = VoiceLibrary(engine, voices, allow_private_urls=settings.allow_private_urls)
-        self.storage = storage
+                 progress: Optional[ProgressCallback] = None,
+                 service: Optional[Service] = None):
+        self.service = service or Service(settings, engine, voices, storage=storage)
         self.progress = progress
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=settings.concurrency, thread_name_prefix="job")
-        self.schedule = StreamSchedule(
-            chunk_tokens=settings.stream_chunk_tokens,
-            left_context_tokens=settings.stream_left_context_tokens,
-            prompt_tokens=settings.stream_prompt_tokens or None)
+
+    @classmethod
+    def for_service(cls, service: Service, *,
+                    progress: Optional[ProgressCallback] = None) -> "JobRunner":
+        return cls(service.settings, service.engine, service.voices, storage=service.storage,
+                   progress=progress, service=service)
+
+    settings = property(lambda self: self.service.settings)
+    engine = property(lambda self: self.service.engine)
+    voices = property(lambda self: self.service.voices)
+    storage = property(lambda self: self.service.storage)
+    library = property(lambda self: self.service.library)
+    schedule = property(lambda self: self.service.schedule)
 
     def run(self, job: dict, cancel: Optional[threading.Event] = None) -> Iterator[dict]:
         """Yield the items of one job; the last one is its result or its error.
@@ -103,13 +77,13 @@ class JobRunner:
             elif isinstance(request, HealthRequest):
                 yield self.health()
             elif isinstance(request, UploadVoiceRequest):
-                yield self.library.upload(request)
+                yield self.service.upload_voice(request)
             elif isinstance(request, GetVoiceRequest):
-                yield self.library.get(request)
+                yield self.service.get_voice(request)
             elif isinstance(request, ListVoicesRequest):
-                yield self.library.list()
+                yield self.service.list_voices()
             else:
-                yield self.library.delete(request)
+                yield self.service.delete_voice(request)
         except WorkerError as exc:
             summary.outcome = exc.code
             yield exc.as_item()
@@ -174,66 +148,41 @@ class JobRunner:
 
     # -- generate -----------------------------------------------------------
 
-    def _voice(self, request: GenerateRequest):
-        if request.voice_id is None:
-            voice = self.engine.builtin_voice
-            if voice is None:
-                raise InvalidInput("this model has no built-in voice; pass a voice_id "
-                                   "(see upload_voice)")
-            return voice
-        return self.voices.load(request.voice_id).conditionals
-
     def _generate(self, job: dict, request: GenerateRequest, summary: JobSummary,
                   cancel: Optional[threading.Event] = None) -> Iterator[dict]:
-        if request.language != "en":
-            raise InvalidInput(f"language '{excerpt(request.language, 20)}' needs the multilingual "
-                               f"model; this worker serves the {self.engine.model.variant} model "
-                               f"(en only)")
+        self.service.check_generate(request)
         if request.output == "s3" and self.storage is None:
             raise StorageUnavailable(NO_S3)
-        if not request.stream:
+        if request.stream:
+            self._check_stream_size(request)
+        else:
             self._check_inline_size(request)
         summary.voice = request.voice_id or "builtin"
-        voice = self._voice(request)
-        seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
-        synth_request = SynthesisRequest(
-            text=request.text, voice=voice, seed=seed, exaggeration=float(request.exaggeration),
-            sampling=SamplingParams(temperature=float(request.temperature),
-                                    cfg_weight=float(request.cfg_weight), top_p=float(request.top_p),
-                                    min_p=float(request.min_p),
-                                    repetition_penalty=float(request.repetition_penalty)))
+        synthesis = self.service.synthesis_request(request)
         if request.stream:
-            yield from self._stream(job, request, synth_request, summary)
+            yield from self._stream(job, request, self.service.stream(request, synthesis=synthesis),
+                                    summary)
             return
         progress = None
         if self.progress is not None:
             def progress(done: int, total: int) -> None:
                 if total > 1:
                     self.progress(job, {"pieces_done": done, "pieces_total": total})
-        started = time.perf_counter()
-        synthesis = self.engine.synthesize(synth_request, progress=progress,
-                                           cancelled=cancel.is_set if cancel else None)
-        audio = encode_audio(synthesis.audio, synthesis.sample_rate, request.format,
-                             request.sample_rate)
-        total_s = time.perf_counter() - started
-        duration = synthesis.duration_s
-        summary.audio_s, summary.ttfa_s = duration, total_s
-        item = {"type": "result", "format": request.format, "sample_rate": request.sample_rate,
-                "duration_s": round(duration, 3)}
+        take = self.service.synthesize(request, synthesis=synthesis, progress=progress,
+                                       cancelled=cancel.is_set if cancel else None)
+        summary.audio_s = take.duration_s
+        summary.ttfa_s = time.perf_counter() - take.started
+        audio = take.audio
         fits = len(audio) <= self.settings.inline_max_bytes
         if request.output == "s3" or (request.output == "auto" and not fits and self.storage):
-            item["audio_url"] = self._upload(job, request.format, audio)
+            yield take.result(audio_url=self._upload(job, request.format, audio))
         elif fits:
-            item["audio_base64"] = base64.b64encode(audio).decode("ascii")
+            yield take.result(audio_base64=base64.b64encode(audio).decode("ascii"))
         else:
             raise OutputTooLarge(
                 f"the audio is {len(audio)} bytes, above INLINE_MAX_BYTES "
                 f"({self.settings.inline_max_bytes}); use format 'opus' or 'mp3', shorter text, "
                 f"or output 's3'" + ("" if self.storage else " with S3 configured"))
-        total_s = time.perf_counter() - started
-        item.update({"voice_id": request.voice_id, "seed": seed,
-                     "timings": timings(ttfa_s=total_s, total_s=total_s, duration_s=duration)})
-        yield item
 
     def _check_inline_size(self, request: GenerateRequest) -> None:
         """Refuse, before any synthesis, a one-shot job whose audio can only end up too large."""
@@ -247,38 +196,30 @@ class JobRunner:
                 f"({limit}); use format 'opus' or 'mp3', shorter text, or output 's3'"
                 + ("" if self.storage else " with S3 configured"))
 
-    def _upload(self, job: dict, fmt: str, audio: bytes) -> str:
-        """Put the whole take in the bucket; its presigned GET URL."""
-        key = output_key(self.settings.s3_key_prefix, str(job.get("id", "job")), EXTENSIONS[fmt])
-        self.storage.put(key, audio, CONTENT_TYPES[fmt])
-        return self.storage.presign(key)
-
-    def _stream(self, job: dict, request: GenerateRequest, synth_request: SynthesisRequest,
-                summary: JobSummary) -> Iterator[dict]:
-        """Chunk items as audio is made, then the result item (docs/API.md, stream: true)."""
+    def _check_stream_size(self, request: GenerateRequest) -> None:
+        """Refuse, before any synthesis, a streamed job whose items can only outgrow the aggregate."""
         estimate = estimated_stream_bytes(request.text, request.format, request.sample_rate)
         limit = self.settings.aggregate_max_bytes
         if estimate > limit:
             raise OutputTooLarge(
                 f"about {estimate} bytes of streamed {request.format} expected, above "
                 f"AGGREGATE_MAX_BYTES ({limit}); use format 'opus' or 'mp3', or shorter text")
-        started = time.perf_counter()
-        first_chunk_s: Optional[float] = None
-        resampler = Resampler(self.engine.sample_rate, request.sample_rate)
-        encoder = new_encoder(request.format, request.sample_rate)
-        sent = samples = index = 0
+
+    def _upload(self, job: dict, fmt: str, audio: bytes) -> str:
+        """Put the whole take in the bucket; its presigned GET URL."""
+        key = output_key(self.settings.s3_key_prefix, str(job.get("id", "job")), EXTENSIONS[fmt])
+        self.storage.put(key, audio, CONTENT_TYPES[fmt])
+        return self.storage.presign(key)
+
+    def _stream(self, job: dict, request: GenerateRequest, stream, summary: JobSummary
+                ) -> Iterator[dict]:
+        """Chunk items as audio is made, then the result item (docs/API.md, stream: true)."""
+        limit = self.settings.aggregate_max_bytes
+        sent = index = 0
         # output 's3': the whole file also goes to the bucket once the take is done.
         whole = bytearray() if request.output == "s3" else None
-        with contextlib.closing(self.engine.stream(synth_request, schedule=self.schedule)) as chunks:
-            for audio in itertools.chain(chunks, [None]):
-                if audio is None:  # end of take: what the resampler and encoder still hold
-                    tail = resampler.process(np.zeros(0, dtype=np.float32), last=True)
-                    data = encoder.encode(tail) + encoder.flush()
-                    samples += len(tail)
-                else:
-                    resampled = resampler.process(audio)
-                    samples += len(resampled)
-                    data = encoder.encode(resampled)
+        with contextlib.closing(stream):
+            for data in stream:
                 if whole is not None:
                     whole += data
                 for part in split_bytes(data, MAX_CHUNK_BYTES):
@@ -289,45 +230,20 @@ class JobRunner:
                     if sent > limit:
                         raise OutputTooLarge(
                             f"the streamed audio outgrew AGGREGATE_MAX_BYTES ({limit}) after "
-                            f"{samples / request.sample_rate:.1f} s; use format 'opus' or 'mp3', "
+                            f"{stream.duration_s:.1f} s; use format 'opus' or 'mp3', "
                             f"or shorter text")
-                    if first_chunk_s is None:
-                        first_chunk_s = time.perf_counter() - started
                     index += 1
                     yield item
-        duration = samples / request.sample_rate
-        summary.audio_s, summary.ttfa_s = duration, first_chunk_s
-        item = {"type": "result", "format": request.format, "sample_rate": request.sample_rate,
-                "duration_s": round(duration, 3), "chunks": index}
+        summary.audio_s, summary.ttfa_s = stream.duration_s, stream.first_audio_s
+        extra = {"chunks": index}
         if whole is not None:
-            item["audio_url"] = self._upload(job, request.format, bytes(whole))
-        total_s = time.perf_counter() - started
-        item.update({"voice_id": request.voice_id, "seed": synth_request.seed,
-                     "timings": timings(ttfa_s=first_chunk_s or total_s, total_s=total_s,
-                                        duration_s=duration)})
-        yield item
+            extra["audio_url"] = self._upload(job, request.format, bytes(whole))
+        yield stream.result(**extra)
 
     # -- health -------------------------------------------------------------
 
     def health(self) -> dict:
-        import runpod
-        import torch
-
-        voices_status = self.voices.status()
-        # Never waits on the endpoint: the last known result, or "checking" (degraded) at start.
-        s3_status = "not configured" if self.storage is None else self.storage.status()
-        degraded = voices_status != "ok" or s3_status not in ("ok", "not configured")
-        return {
-            "status": "degraded" if degraded else "ok",
-            "model": self.engine.model.describe(),
-            "device": _device_name(self.engine.model.device),
-            "voices": self.voices.count(),
-            "voices_dir": str(self.voices.directory),
-            "storage": {"voices": voices_status, "s3": s3_status},
-            "versions": {"worker": __version__, "chatterbox": _package_version("chatterbox-tts"),
-                         "torch": torch.__version__, "runpod": runpod.__version__,
-                         "python": platform.python_version()},
-        }
+        return self.service.health()
 
 
 NO_S3 = ("output 's3' needs S3 storage, which this worker does not have configured (set "
@@ -359,39 +275,9 @@ def split_bytes(data: bytes, size: int):
     return [data[i:i + size] for i in range(0, len(data), size)]
 
 
-def timings(*, ttfa_s: float, total_s: float, duration_s: float) -> dict:
-    return {"ttfa_s": round(ttfa_s, 3), "total_s": round(total_s, 3),
-            "rtf": round(total_s / duration_s, 3) if duration_s else None}
-
-
-def _device_name(device: str) -> str:
-    return "cuda:0" if device == "cuda" else device
-
-
-def _package_version(name: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "unknown"
-
-
 __all__ = ["JobRunner", "JobSummary", "create_runner", "timings"]
 
 
 def create_runner(settings: Settings, *, progress: Optional[ProgressCallback] = None) -> JobRunner:
     """Load and warm the engine, open the voice store: everything a worker needs before its first job."""
-    from .engine import load_engine
-
-    engine = load_engine(settings)
-    voices = VoiceStore(settings.voices_dir, model_signature=engine.model.signature,
-                        variant=engine.model.variant, device=engine.model.device)
-    status = voices.status()
-    if status != "ok":
-        # Not fatal: generate with the built-in voice still works; health says why.
-        log.warning("voice storage unusable: %s", status)
-    # The bucket is checked on a background thread, which logs an unusable one
-    # (storage.py): a silent S3 endpoint must not hold up start-up.
-    storage = S3Storage.from_settings(settings)
-    return JobRunner(settings, engine, voices, storage=storage, progress=progress)
+    return JobRunner.for_service(create_service(settings), progress=progress)

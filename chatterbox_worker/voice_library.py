@@ -36,6 +36,12 @@ def _b64(value: str, what: str, error=InvalidAudio, *, max_bytes: int) -> bytes:
         raise error(f"{what} is not valid base64") from None
 
 
+def is_voice_archive(data: bytes) -> bool:
+    """Whether ``data`` looks like a voice file (``torch.save`` writes a zip archive);
+    no audio container starts like one."""
+    return data[:4] == b"PK\x03\x04"
+
+
 def _as_list(value) -> List[str]:
     return [value] if isinstance(value, str) else list(value)
 
@@ -63,19 +69,46 @@ class VoiceLibrary:
         return self.engine.model.signature
 
     def upload(self, request: UploadVoiceRequest) -> dict:
-        if not request.overwrite and self.store.exists(request.voice_id):
-            raise VoiceExists(f"voice '{request.voice_id}' already exists; pass overwrite: true "
-                              f"to replace it")
+        self._check_free(request.voice_id, request.overwrite)
         if request.voice_base64 is not None:
-            data = self._import(request)
+            voice = parse_voice_file(_b64(request.voice_base64, "voice_base64", InvalidVoiceFile,
+                                          max_bytes=MAX_VOICE_FILE_BYTES))
+            data = self._import(request.voice_id, voice, rebuild=request.rebuild)
         else:
             data = self._from_audio(request)
+        return self._store(request.voice_id, data, overwrite=request.overwrite)
+
+    def upload_files(self, voice_id: str, files: List[bytes], *, labels: List[str],
+                     overwrite: bool = False, rebuild: bool = False) -> dict:
+        """Upload from raw files: one voice file exported by this project, or reference clips."""
+        self._check_free(voice_id, overwrite)
+        if not files:
+            raise InvalidInput("give at least one file")
+        if any(is_voice_archive(data) for data in files):
+            if len(files) != 1:
+                raise InvalidInput("an exported voice file comes alone, not with other files")
+            if len(files[0]) > MAX_VOICE_FILE_BYTES:
+                raise InvalidVoiceFile(f"{labels[0]} is {len(files[0])} bytes; the limit is "
+                                       f"{MAX_VOICE_FILE_BYTES}")
+            data = self._import(voice_id, parse_voice_file(files[0]), rebuild=rebuild)
+        else:
+            if rebuild:
+                raise InvalidInput("rebuild applies only to an exported voice file")
+            data = self._from_raw_clips(voice_id, files, labels)
+        return self._store(voice_id, data, overwrite=overwrite)
+
+    def _check_free(self, voice_id: str, overwrite: bool) -> None:
+        if not overwrite and self.store.exists(voice_id):
+            raise VoiceExists(f"voice '{voice_id}' already exists; pass overwrite: true "
+                              f"to replace it")
+
+    def _store(self, voice_id: str, data: bytes, *, overwrite: bool) -> dict:
         # Whatever goes to the volume passes the checks every later load makes:
         # nothing is written that the worker would then refuse to read (and the
         # parse is cached, so the metadata below costs no second one).
-        self.store.validated(request.voice_id, data)
-        self.store.save(request.voice_id, data, overwrite=request.overwrite)
-        return self.store.metadata(request.voice_id)
+        self.store.validated(voice_id, data)
+        self.store.save(voice_id, data, overwrite=overwrite)
+        return self.store.metadata(voice_id)
 
     def _from_audio(self, request: UploadVoiceRequest) -> bytes:
         field = "audio_base64" if request.audio_base64 is not None else "audio_url"
@@ -89,22 +122,25 @@ class VoiceLibrary:
         else:
             raw = [fetch_audio(url, max_bytes=reference.MAX_FILE_BYTES,
                                allow_private=self.allow_private_urls) for url in sources]
+        return self._from_raw_clips(request.voice_id, raw, labels)
+
+    def _from_raw_clips(self, voice_id: str, raw: List[bytes], labels: List[str]) -> bytes:
+        if len(raw) > MAX_CLIPS:
+            raise InvalidInput(f"at most {MAX_CLIPS} reference clips per voice")
         clips = [reference.clean(reference.decode(data, label=label), label=label)
                  for data, label in zip(raw, labels)]
         first = reference.cleanest(clips)
         audio = [c.audio for c in clips]
         conditionals = self.engine.voice_from_clips(audio, prompt_clip=first)
-        return voice_file_bytes(request.voice_id, conditionals, model=self.signature,
+        return voice_file_bytes(voice_id, conditionals, model=self.signature,
                                 variant=self.engine.model.variant,
                                 reference_audio=stored_reference(audio, first),
                                 reference_sample_rate=reference.SAMPLE_RATE)
 
-    def _import(self, request: UploadVoiceRequest) -> bytes:
-        voice = parse_voice_file(_b64(request.voice_base64, "voice_base64", InvalidVoiceFile,
-                                      max_bytes=MAX_VOICE_FILE_BYTES))
+    def _import(self, voice_id: str, voice: StoredVoice, *, rebuild: bool) -> bytes:
         if voice.model == self.signature:
             conditionals = voice.conditionals
-        elif request.rebuild:
+        elif rebuild:
             # The same limit as an uploaded clip. The stored audio starts with
             # the clip the voice's prompt came from, so its first minute is
             # the best single clip to rebuild from.
@@ -114,7 +150,7 @@ class VoiceLibrary:
             raise InvalidVoiceFile(
                 f"this voice was made for model {voice.model}; this worker runs {self.signature}. "
                 f"Upload it again with rebuild: true to remake it from its reference audio")
-        return voice_file_bytes(request.voice_id, conditionals, model=self.signature,
+        return voice_file_bytes(voice_id, conditionals, model=self.signature,
                                 variant=self.engine.model.variant,
                                 reference_audio=self._reference_audio(voice),
                                 reference_sample_rate=reference.SAMPLE_RATE,
