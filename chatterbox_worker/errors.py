@@ -54,6 +54,12 @@ class StorageUnavailable(WorkerError):
     code = "storage_unavailable"
 
 
+class ModelUnavailable(WorkerError):
+    """Server mode: the model is still loading, or failed to load."""
+
+    code = "model_unavailable"
+
+
 class InternalError(WorkerError):
     code = "internal_error"
 
