@@ -143,7 +143,10 @@ class AvEncoder(Encoder):
         container_format, codec = self.FORMATS[fmt]
         self._whole_file = whole_file
         self._sink = io.BytesIO() if whole_file else _Sink()
-        self._container = av.open(self._sink, mode="w", format=container_format)
+        # bitexact: no random Ogg serial number or version strings, so the same audio
+        # always encodes to the same bytes (a seeded take is byte for byte repeatable).
+        self._container = av.open(self._sink, mode="w", format=container_format,
+                                  options={"fflags": "+bitexact"})
         self._stream = self._container.add_stream(codec, rate=sample_rate, layout="mono")
         if fmt in BITRATES:
             self._stream.bit_rate = BITRATES[fmt]
