@@ -1,0 +1,316 @@
+"""Speech routes: ``POST /tts/generate``, OpenAI's ``POST /v1/audio/speech`` and
+``GET /v1/audio/voices``, and ``WS /tts/stream``.
+
+Every route streams: the first bytes go out as soon as the first chunk is
+encoded, with chunked transfer. Problems found before that (a bad field, an
+unknown voice, a full queue) are proper HTTP errors; a failure after it ends
+the response without its final chunk, so the client sees an incomplete
+transfer, and is logged under the request id. A client that goes away
+cancels its synthesis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+from typing import Callable, Optional, Tuple
+
+from fastapi import APIRouter, Depends, Request, WebSocket, WebSocketDisconnect
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from ..audio import CONTENT_TYPES
+from ..errors import InvalidInput, VoiceNotFound, WorkerError, excerpt
+from ..schemas import GenerateRequest, is_voice_id, parse_request
+from ..service import JobSummary, Service
+from .app import (STATUS, Busy, Slot, State, check_key, key_from_headers, request_id,
+                  require_key, require_key_or_bearer)
+from .streaming import LiveStream
+
+log = logging.getLogger("chatterbox_worker.server")
+router = APIRouter()
+
+# OpenAI's model names (and this one's) all mean the served model.
+OPENAI_MODELS = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts", "chatterbox")
+# OpenAI's voice names mean the built-in voice unless a stored voice has that id.
+OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage",
+                 "shimmer", "verse", "marin", "cedar")
+OPENAI_FORMATS = {"mp3": "mp3", "opus": "opus", "flac": "flac", "wav": "wav", "pcm": "pcm_s16le"}
+OPENAI_CONTENT_TYPES = {"mp3": "audio/mpeg", "opus": "audio/ogg", "flac": "audio/flac",
+                        "wav": "audio/wav", "pcm": "audio/pcm"}
+# Chatterbox's own generate fields the OpenAI route also takes (extra_body in OpenAI's clients).
+SPEECH_EXTRAS = ("seed", "exaggeration", "cfg_weight", "temperature", "top_p", "min_p",
+                 "repetition_penalty")
+
+
+async def json_body(request: Request) -> dict:
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidInput("the request body must be a JSON object") from None
+    if not isinstance(data, dict):
+        raise InvalidInput("the request body must be a JSON object")
+    return data
+
+
+def strip_pth(voice_id):
+    """``narrator.pth`` names the voice ``narrator`` on the HTTP routes."""
+    if isinstance(voice_id, str) and voice_id.endswith(".pth"):
+        return voice_id[:-4]
+    return voice_id
+
+
+def parse_generate(data: dict, max_text_chars: int) -> GenerateRequest:
+    """The generate fields of the job contract; the audio is always the response itself."""
+    data = dict(data)
+    action = data.pop("action", "generate")
+    if action != "generate":
+        raise InvalidInput(f"action: this route only generates (got '{excerpt(action, 40)}')")
+    if data.get("output", "auto") != "auto":
+        raise InvalidInput("output: over HTTP the audio is the response body; 'inline' and 's3' "
+                           "apply to RunPod jobs")
+    data.pop("stream", None)  # always streamed here
+    if "voice_id" in data:
+        data["voice_id"] = strip_pth(data["voice_id"])
+    request = parse_request({**data, "action": "generate"}, max_text_chars=max_text_chars)
+    assert isinstance(request, GenerateRequest)
+    return request
+
+
+async def start_stream(core: State, service: Service, generate: GenerateRequest, rid: str,
+                       action: str) -> Tuple[LiveStream, Optional[bytes], Slot]:
+    """A slot, the voice loaded, the first bytes made: everything that can still fail cleanly."""
+    summary = JobSummary(rid, action=action, voice=generate.voice_id or "builtin")
+    slot = await core.slots.acquire()
+    live: Optional[LiveStream] = None
+    loop = asyncio.get_running_loop()
+    try:
+        live = await LiveStream.open(service, generate, core.executor, summary)
+        first = await live.next()
+        return live, first, slot
+    except BaseException as exc:
+        outcome = exc.code if isinstance(exc, WorkerError) else (
+            "cancelled" if isinstance(exc, asyncio.CancelledError) else "internal_error")
+        if live is not None:
+            live.close(outcome, then=lambda: loop.call_soon_threadsafe(slot.release))
+        else:
+            slot.release()
+            summary.outcome = outcome
+            log.info(summary.line())
+        raise
+
+
+async def audio_body(live: LiveStream, first: Optional[bytes], slot: Slot, rid: str,
+                     frame: Callable[[bytes], bytes] = lambda data: data,
+                     end: Optional[Callable[[dict], bytes]] = None):
+    """The response body: the first bytes, then each chunk as it is made."""
+    loop = asyncio.get_running_loop()
+    outcome = "ok"
+    try:
+        data = first
+        while data is not None:
+            yield frame(data)
+            data = await live.next()
+        if end is not None:
+            yield end(live.stream.result())
+    except (asyncio.CancelledError, GeneratorExit):
+        outcome = "cancelled"
+        raise
+    except WorkerError as exc:
+        outcome = exc.code
+        log.error("request=%s failed after its first bytes: %s: %s", rid, exc.code, exc.message)
+        raise
+    except Exception:
+        outcome = "internal_error"
+        log.exception("request=%s failed after its first bytes", rid)
+        raise
+    finally:
+        live.close(outcome, then=lambda: loop.call_soon_threadsafe(slot.release))
+
+
+@router.post("/tts/generate", dependencies=[Depends(require_key)])
+async def generate(request: Request):
+    core: State = request.app.state.core
+    service = core.require_service()
+    generate = parse_generate(await json_body(request), core.settings.max_text_chars)
+    rid = request_id(request)
+    live, first, slot = await start_stream(core, service, generate, rid, "generate")
+    return StreamingResponse(audio_body(live, first, slot, rid),
+                             media_type=CONTENT_TYPES[generate.format],
+                             headers={"X-Seed": str(live.stream.seed)})
+
+
+# -- OpenAI ---------------------------------------------------------------------
+
+
+def openai_voice(service: Service, voice) -> Optional[str]:
+    """A stored voice id, or ``None`` for the built-in voice."""
+    if isinstance(voice, dict):
+        voice = voice.get("id")
+    voice = strip_pth(voice)
+    if voice is None or voice == "default":
+        return None
+    if not isinstance(voice, str):
+        raise InvalidInput("voice: must be a voice id")
+    if voice.lower() in OPENAI_VOICES and not (is_voice_id(voice) and service.voices.exists(voice)):
+        return None
+    if not is_voice_id(voice):
+        raise VoiceNotFound(excerpt(voice, 64))
+    return voice
+
+
+def openai_request(data: dict, service: Service, max_text_chars: int
+                   ) -> Tuple[GenerateRequest, str, bool]:
+    """OpenAI's speech body as a generate request; its response format and whether SSE."""
+    known = {"model", "input", "voice", "response_format", "speed", "instructions",
+             "stream_format", *SPEECH_EXTRAS}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise InvalidInput(f"{excerpt(unknown[0], 40)}: unknown field")
+    model = data.get("model")
+    served = service.engine.model.variant
+    if model not in OPENAI_MODELS and model != served:
+        raise InvalidInput(f"model: '{excerpt(model, 40)}' is not served; use one of "
+                           f"{', '.join(OPENAI_MODELS)} or {served}")
+    response_format = data.get("response_format", "mp3")
+    if response_format == "aac":
+        raise InvalidInput("response_format: aac is not supported by this server; use mp3, opus, "
+                           "flac, wav or pcm")
+    if response_format not in OPENAI_FORMATS:
+        raise InvalidInput(f"response_format: '{excerpt(response_format, 20)}' is not one of "
+                           f"{', '.join(OPENAI_FORMATS)}")
+    speed = data.get("speed", 1.0)
+    if isinstance(speed, bool) or not isinstance(speed, (int, float)) or not 0.25 <= speed <= 4.0:
+        raise InvalidInput("speed: must be a number from 0.25 to 4.0")
+    if speed != 1.0:
+        raise InvalidInput("speed: only 1.0 is supported (no pitch-preserving time stretch)")
+    stream_format = data.get("stream_format", "audio")
+    if stream_format not in ("audio", "sse"):
+        raise InvalidInput("stream_format: must be 'audio' or 'sse'")
+    if not isinstance(data.get("input"), str):
+        raise InvalidInput("input: must be a string")
+    fields = {"text": data["input"], "format": OPENAI_FORMATS[response_format],
+              "voice_id": openai_voice(service, data.get("voice")),
+              **{name: data[name] for name in SPEECH_EXTRAS if name in data}}
+    request = parse_request({**fields, "action": "generate"}, max_text_chars=max_text_chars)
+    return request, response_format, stream_format == "sse"
+
+
+def openai_error(exc: WorkerError, rid: str, status: Optional[int] = None) -> JSONResponse:
+    """OpenAI's error shape (what its clients read), with this server's ``detail`` and ``code``."""
+    kind = "invalid_request_error" if STATUS.get(exc.code, 500) < 500 else "server_error"
+    return JSONResponse({"error": {"message": exc.message, "type": kind, "param": None,
+                                   "code": exc.code},
+                         "detail": exc.message, "code": exc.code, "request_id": rid},
+                        status_code=status or STATUS.get(exc.code, 500))
+
+
+def sse_event(payload: dict) -> bytes:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n".encode("ascii")
+
+
+@router.post("/v1/audio/speech", dependencies=[Depends(require_key_or_bearer)])
+async def speech(request: Request):
+    core: State = request.app.state.core
+    rid = request_id(request)
+    try:
+        service = core.require_service()
+        generate, response_format, sse = openai_request(await json_body(request), service,
+                                                         core.settings.max_text_chars)
+        live, first, slot = await start_stream(core, service, generate, rid, "speech")
+    except WorkerError as exc:
+        return openai_error(exc, rid)
+    if not sse:
+        return StreamingResponse(audio_body(live, first, slot, rid),
+                                 media_type=OPENAI_CONTENT_TYPES[response_format])
+    characters = len(generate.text)
+
+    def delta(data: bytes) -> bytes:
+        return sse_event({"type": "speech.audio.delta",
+                          "audio": base64.b64encode(data).decode("ascii")})
+
+    def done(result: dict) -> bytes:
+        # Speech tokens made, at 25 a second, stand in for OpenAI's output tokens.
+        output_tokens = round(result["duration_s"] * 25)
+        return sse_event({"type": "speech.audio.done",
+                          "usage": {"input_tokens": characters, "output_tokens": output_tokens,
+                                    "total_tokens": characters + output_tokens}})
+
+    return StreamingResponse(audio_body(live, first, slot, rid, frame=delta, end=done),
+                             media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/v1/audio/voices", dependencies=[Depends(require_key_or_bearer)])
+async def openai_voices(request: Request):
+    core: State = request.app.state.core
+    service = core.require_service()
+    loop = asyncio.get_running_loop()
+    stored = await loop.run_in_executor(None, service.voice_ids)
+    builtin = service.engine.builtin_voice is not None
+    return {"voices": (["default"] if builtin else []) + stored,
+            "builtin_aliases": list(OPENAI_VOICES) if builtin else []}
+
+
+# -- WebSocket ------------------------------------------------------------------
+
+
+async def _ws_fail(websocket: WebSocket, code: str, detail: str, close_code: int) -> None:
+    await websocket.send_json({"type": "error", "code": code, "detail": detail})
+    await websocket.close(close_code)
+
+
+@router.websocket("/tts/stream")
+async def ws_stream(websocket: WebSocket):
+    """One JSON generate request in (``api_key`` may ride in it), binary audio chunks out,
+    then one JSON ``result`` message (or one ``error`` message)."""
+    core: State = websocket.app.state.core
+    rid = websocket.scope.get("state", {}).get("request_id", "-")
+    await websocket.accept()
+    try:
+        raw = await websocket.receive_text()
+    except WebSocketDisconnect:
+        return
+    try:
+        message = json.loads(raw)
+        if not isinstance(message, dict):
+            raise ValueError
+    except ValueError:
+        return await _ws_fail(websocket, "invalid_input", "send one JSON object", 1008)
+    key = message.pop("api_key", None) or key_from_headers(websocket.headers, bearer=False)
+    if not check_key(core.settings, key if isinstance(key, str) else None):
+        return await _ws_fail(websocket, "unauthorized", "missing or wrong API key", 1008)
+    try:
+        service = core.require_service()
+        generate = parse_generate(message, core.settings.max_text_chars)
+        live, first, slot = await start_stream(core, service, generate, rid, "ws_stream")
+    except WorkerError as exc:
+        return await _ws_fail(websocket, exc.code, exc.message,
+                              1011 if STATUS.get(exc.code, 500) >= 500 else 1008)
+    except Busy:
+        return await _ws_fail(websocket, "busy", "the server is busy; retry shortly", 1013)
+    loop = asyncio.get_running_loop()
+    outcome = "ok"
+    chunks = 0
+    try:
+        data = first
+        while data is not None:
+            await websocket.send_bytes(data)
+            chunks += 1
+            data = await live.next()
+        await websocket.send_json(live.stream.result(chunks=chunks))
+        await websocket.close(1000)
+    except (WebSocketDisconnect, asyncio.CancelledError, OSError):
+        outcome = "cancelled"
+    except WorkerError as exc:
+        outcome = exc.code
+        await _ws_fail(websocket, exc.code, exc.message, 1011)
+    except Exception:
+        outcome = "internal_error"
+        log.exception("request=%s failed", rid)
+        await _ws_fail(websocket, "internal_error", "the request failed unexpectedly; the server "
+                       "logged the details under this request id", 1011)
+    finally:
+        live.close(outcome, then=lambda: loop.call_soon_threadsafe(slot.release))

@@ -1,0 +1,422 @@
+"""HTTP server mode over real HTTP: uvicorn on a loopback port, httpx, OpenAI's client, a WebSocket."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+
+import httpx
+import pytest
+import soundfile
+
+from chatterbox_worker.config import load_settings
+from chatterbox_worker.jobs import JobRunner
+from chatterbox_worker.tiny_model import synthetic_reference
+from chatterbox_worker.voices import VoiceStore
+from tests.http_server import ServedApp, service_loader
+
+KEY = "test-key-123"
+AUTH = {"X-API-Key": KEY}
+TEXT = "Hello there, streaming now."
+
+
+@pytest.fixture(scope="module")
+def served(engine, settings_env, tmp_path_factory):
+    voices = tmp_path_factory.mktemp("http-voices")
+    app = ServedApp({**settings_env, "VOICES_DIR": str(voices), "API_KEY": KEY},
+                    service_loader(engine))
+    app.wait_ready()
+    yield app
+    app.stop()
+
+
+@pytest.fixture
+def client(served):
+    with httpx.Client(base_url=served.url, headers=AUTH, timeout=120) as c:
+        yield c
+
+
+def decode_seconds(data: bytes) -> float:
+    import av
+
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.audio[0]
+        samples = sum(frame.samples for frame in container.decode(stream))
+        return samples / stream.codec_context.sample_rate
+
+
+def job_stream_bytes(served, job_input: dict) -> bytes:
+    """The same request as a RunPod job with stream: true: its chunks' audio."""
+    service = served.core.service
+    runner = JobRunner(service.settings, service.engine, service.voices)
+    items = list(runner.run({"id": "same", "input": {**job_input, "stream": True}}))
+    assert items[-1]["type"] == "result", items[-1]
+    return b"".join(base64.b64decode(i["audio_base64"]) for i in items[:-1])
+
+
+def wav_bytes(seconds: float, seed: int) -> bytes:
+    buffer = io.BytesIO()
+    soundfile.write(buffer, synthetic_reference(seconds=seconds, seed=seed), 24000, format="WAV")
+    return buffer.getvalue()
+
+
+# -- generate -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt,content_type", [("wav", "audio/wav"), ("mp3", "audio/mpeg"),
+                                              ("opus", "audio/ogg"), ("flac", "audio/flac"),
+                                              ("pcm_s16le", "audio/L16")])
+def test_generate_streams_the_same_bytes_as_a_streamed_job(served, client, fmt, content_type):
+    body = {"text": TEXT, "seed": 4, "format": fmt}
+    with client.stream("POST", "/tts/generate", json=body) as response:
+        assert response.status_code == 200, response.read()
+        assert response.headers["content-type"] == content_type
+        assert response.headers["transfer-encoding"] == "chunked"
+        assert response.headers["x-seed"] == "4"
+        data = response.read()
+    assert data == job_stream_bytes(served, body)
+    if fmt == "pcm_s16le":
+        assert len(data) % 2 == 0 and len(data) > 24000
+    else:
+        assert decode_seconds(data) > 1.0
+
+
+def test_generate_is_deterministic_with_a_seed_and_reports_a_picked_seed(client):
+    a = client.post("/tts/generate", json={"text": "Same again.", "seed": 9})
+    b = client.post("/tts/generate", json={"text": "Same again.", "seed": 9})
+    assert a.status_code == b.status_code == 200 and a.content == b.content
+    picked = client.post("/tts/generate", json={"text": "Same again."})
+    again = client.post("/tts/generate", json={"text": "Same again.",
+                                               "seed": int(picked.headers["x-seed"])})
+    assert again.content == picked.content
+
+
+def test_first_bytes_arrive_before_the_take_is_made(served, client, monkeypatch):
+    """The second chunk is held until the client has the first bytes: no buffering of the take."""
+    engine = served.core.service.engine
+    original = engine.stream
+    release = threading.Event()
+
+    def held(request, **kwargs):
+        chunks = original(request, **kwargs)
+        yield next(chunks)
+        assert release.wait(60), "the client never got the first bytes"
+        yield from chunks
+
+    monkeypatch.setattr(engine, "stream", held)
+    with client.stream("POST", "/tts/generate", json={"text": TEXT, "seed": 1}) as response:
+        raw = response.iter_raw()
+        first = next(raw)
+        assert first[:4] == b"RIFF"
+        release.set()
+        rest = b"".join(raw)
+    assert len(rest) > 0
+
+
+@pytest.mark.parametrize("body,status,code", [
+    ({"text": "hi", "voice_id": "ghost"}, 404, "voice_not_found"),
+    ({"text": ""}, 400, "invalid_input"),
+    ({"text": "hi", "volume": 3}, 400, "invalid_input"),
+    ({"text": "hi", "output": "s3"}, 400, "invalid_input"),
+    ({"text": "hi", "format": "ogg"}, 400, "invalid_input"),
+    ({"text": "hi", "language": "fr"}, 400, "invalid_input"),
+])
+def test_generate_errors_map_to_statuses(client, body, status, code):
+    response = client.post("/tts/generate", json=body)
+    assert response.status_code == status
+    assert response.json()["code"] == code
+
+
+def test_unknown_voice_is_404_with_the_contract_message(client):
+    response = client.post("/tts/generate", json={"text": "hi", "voice_id": "ghost.pth"})
+    assert response.status_code == 404
+    assert response.json()["detail"] == "Voice 'ghost' not found."
+
+
+def test_a_body_that_is_not_json_is_400(client):
+    response = client.post("/tts/generate", content=b"{nope",
+                           headers={"Content-Type": "application/json"})
+    assert response.status_code == 400 and response.json()["code"] == "invalid_input"
+
+
+def test_a_body_over_the_limit_is_413_before_it_is_read(client):
+    big = b'{"text": "' + b"a" * (3 * 1024 * 1024) + b'"}'
+    response = client.post("/tts/generate", content=big, headers={"Content-Type": "application/json"})
+    assert response.status_code == 413
+
+    def chunks():  # no Content-Length: counted as it arrives
+        yield b'{"text": "'
+        for _ in range(30):
+            yield b"a" * 100_000
+        yield b'"}'
+
+    response = client.post("/tts/generate", content=chunks(),
+                           headers={"Content-Type": "application/json"})
+    assert response.status_code == 413
+
+
+# -- keys -----------------------------------------------------------------------
+
+
+def test_keys(served, monkeypatch):
+    from chatterbox_worker.server import app as server_app
+
+    compared = []
+    real = server_app.hmac.compare_digest
+    monkeypatch.setattr(server_app.hmac, "compare_digest",
+                        lambda a, b: compared.append(1) or real(a, b))
+    with httpx.Client(base_url=served.url, timeout=60) as plain:
+        assert plain.get("/voices").status_code == 401
+        assert plain.get("/voices", headers={"X-API-Key": "wrong"}).status_code == 401
+        assert plain.get("/voices", headers={"X-API-Key": KEY}).status_code == 200
+        # Bearer only on the OpenAI routes.
+        bearer = {"Authorization": f"Bearer {KEY}"}
+        assert plain.get("/voices", headers=bearer).status_code == 401
+        assert plain.get("/v1/audio/voices", headers=bearer).status_code == 200
+        assert plain.get("/v1/audio/voices").status_code == 401
+        assert plain.post("/tts/generate", json={"text": "hi"}).status_code == 401
+        # No key on health and ping.
+        assert plain.get("/ping").status_code == 200
+        assert plain.get("/health").status_code == 200
+    # Every key given (wrong, right, as a bearer) went through the constant-time compare.
+    assert len(compared) == 3
+
+
+# -- health ---------------------------------------------------------------------
+
+
+def test_health_reports_the_service_and_the_load(client, engine):
+    body = client.get("/health").json()
+    assert body["status"] == "ok" and body["model"]["signature"] == engine.model.signature
+    assert body["storage"]["voices"] == "ok"
+    assert body["running"] == 0 and body["queued"] == 0
+
+
+def test_ping_and_health_while_loading_then_ready(engine, settings_env, tmp_path):
+    gate = threading.Event()
+    app = ServedApp({**settings_env, "VOICES_DIR": str(tmp_path)},
+                    service_loader(engine, gate), health_port=True)
+    try:
+        with httpx.Client(base_url=app.url, timeout=30) as c:
+            assert c.get("/ping").status_code == 204
+            health = c.get("/health")
+            assert health.status_code == 503 and health.json()["status"] == "loading"
+            loading = c.post("/tts/generate", json={"text": "hi"})
+            assert loading.status_code == 503 and loading.json()["code"] == "model_unavailable"
+            assert "retry-after" in loading.headers
+            gate.set()
+            app.wait_ready()
+            assert c.get("/ping").status_code == 200
+            assert c.get("/health").json()["status"] == "ok"
+            assert c.post("/tts/generate", json={"text": "hi", "seed": 1}).status_code == 200
+        with httpx.Client(base_url=app.health_url, timeout=30) as h:  # PORT_HEALTH
+            assert h.get("/ping").status_code == 200
+            assert h.get("/health").status_code == 200
+            assert h.post("/tts/generate", json={"text": "hi"}).status_code == 404
+    finally:
+        gate.set()
+        app.stop()
+
+
+def test_a_model_that_fails_to_load_is_unavailable(settings_env, tmp_path):
+    def broken(settings):
+        raise RuntimeError("t3_cfg.safetensors is truncated")
+
+    app = ServedApp({**settings_env, "VOICES_DIR": str(tmp_path)}, broken)
+    try:
+        app.wait_ready()
+        with httpx.Client(base_url=app.url, timeout=30) as c:
+            assert c.get("/ping").status_code == 503
+            health = c.get("/health")
+            assert health.status_code == 503 and health.json()["status"] == "unavailable"
+            assert "truncated" in health.json()["detail"]
+            response = c.post("/tts/generate", json={"text": "hi"})
+            assert response.status_code == 503 and response.json()["code"] == "model_unavailable"
+    finally:
+        app.stop()
+
+
+# -- voices ---------------------------------------------------------------------
+
+
+def test_voice_life_cycle_over_multipart(served, client):
+    clip = wav_bytes(5, seed=3)
+    files = {"file": ("ref.wav", clip, "audio/wav")}
+    created = client.post("/voices", data={"voice_id": "narrator.pth"}, files=files)
+    assert created.status_code == 201, created.text
+    assert created.json()["voice_id"] == "narrator"
+    assert created.json()["message"] == "Voice uploaded successfully."
+    again = client.post("/voices", data={"voice_id": "narrator"}, files=files)
+    assert again.status_code == 409 and again.json()["code"] == "voice_exists"
+    assert client.post("/voices", data={"voice_id": "narrator", "overwrite": "true"},
+                       files=files).status_code == 201
+    assert "narrator" in client.get("/voices").json()["voices"]
+    meta = client.get("/voices/narrator.pth").json()
+    assert meta["voice_id"] == "narrator" and meta["reference_s"] > 3
+    exported = client.get("/voices/narrator", params={"export": "true"})
+    assert exported.status_code == 200 and exported.content[:2] == b"PK"
+    copy = client.post("/voices", data={"voice_id": "copy"},
+                       files={"file": ("narrator.pth", exported.content)})
+    assert copy.status_code == 201, copy.text
+    # Two clips make one voice.
+    two = client.post("/voices", data={"voice_id": "two"},
+                      files=[("file", ("a.wav", clip)), ("file", ("b.wav", wav_bytes(4, seed=5)))])
+    assert two.status_code == 201, two.text
+    mine = client.post("/tts/generate", json={"text": "Hi.", "seed": 2, "voice_id": "copy"})
+    same = client.post("/tts/generate", json={"text": "Hi.", "seed": 2, "voice_id": "narrator"})
+    builtin = client.post("/tts/generate", json={"text": "Hi.", "seed": 2})
+    assert mine.content == same.content != builtin.content
+    deleted = client.delete("/voices/copy.pth")
+    assert deleted.json() == {"message": "Voice 'copy' deleted successfully."}
+    gone = client.get("/voices/copy")
+    assert gone.status_code == 404 and gone.json()["detail"] == "Voice 'copy' not found."
+    assert client.delete("/voices/copy").status_code == 404
+
+
+@pytest.mark.parametrize("data,files,status,code", [
+    ({"voice_id": "bad"}, {"file": ("x.wav", b"not audio at all")}, 422, "invalid_audio"),
+    ({"voice_id": "bad"}, {"file": ("x.pth", b"PK\x03\x04broken")}, 422, "invalid_voice_file"),
+    ({"voice_id": "bad id"}, {"file": ("x.wav", b"RIFF")}, 400, "invalid_input"),
+    ({"voice_id": "bad"}, None, 400, "invalid_input"),
+])
+def test_voice_upload_errors(client, data, files, status, code):
+    response = client.post("/voices", data=data, files=files)
+    assert response.status_code == status, response.text
+    assert response.json()["code"] == code
+
+
+# -- OpenAI ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def openai_client(served):
+    import openai
+
+    return openai.OpenAI(base_url=f"{served.url}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def test_openai_client_whole_and_streamed(client, openai_client):
+    whole = openai_client.audio.speech.create(model="tts-1", voice="alloy", input=TEXT,
+                                              response_format="wav", extra_body={"seed": 6})
+    ours = client.post("/tts/generate", json={"text": TEXT, "seed": 6})
+    assert whole.content == ours.content
+    with openai_client.audio.speech.with_streaming_response.create(
+            model="tts-1-hd", voice="default", input=TEXT, extra_body={"seed": 6}) as response:
+        assert response.headers["content-type"] == "audio/mpeg"
+        parts = list(response.iter_bytes())
+    mp3 = b"".join(parts)
+    assert mp3 == client.post("/tts/generate", json={"text": TEXT, "seed": 6, "format": "mp3"}).content
+    assert decode_seconds(mp3) > 1.0
+
+
+@pytest.mark.parametrize("fmt", ["opus", "flac", "pcm"])
+def test_openai_formats(openai_client, fmt):
+    audio = openai_client.audio.speech.create(model="chatterbox", voice="nova", input="Hello.",
+                                              response_format=fmt, extra_body={"seed": 1})
+    if fmt == "pcm":
+        assert len(audio.content) % 2 == 0 and len(audio.content) > 4800
+    else:
+        assert decode_seconds(audio.content) > 0.5
+
+
+@pytest.mark.parametrize("kwargs,fragment", [
+    ({"speed": 1.5}, "speed"),
+    ({"response_format": "aac"}, "aac"),
+    ({"model": "whisper-1"}, "model"),
+])
+def test_openai_refusals_are_400(openai_client, kwargs, fragment):
+    import openai
+
+    args = {"model": "tts-1", "voice": "alloy", "input": "Hello.", **kwargs}
+    with pytest.raises(openai.BadRequestError) as caught:
+        openai_client.audio.speech.create(**args)
+    assert fragment in str(caught.value)
+
+
+def test_openai_unknown_voice_is_404(openai_client):
+    import openai
+
+    with pytest.raises(openai.NotFoundError):
+        openai_client.audio.speech.create(model="tts-1", voice="nobody", input="Hello.")
+
+
+def test_openai_sse_deltas_are_the_audio(client):
+    body = {"model": "tts-1", "input": TEXT, "voice": "alloy", "response_format": "pcm",
+            "stream_format": "sse", "seed": 3}
+    with client.stream("POST", "/v1/audio/speech", json=body) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [json.loads(line[len("data: "):]) for line in response.iter_lines()
+                  if line.startswith("data: ")]
+    assert events[-1]["type"] == "speech.audio.done" and events[-1]["usage"]["output_tokens"] > 0
+    audio = b"".join(base64.b64decode(e["audio"]) for e in events[:-1])
+    assert all(e["type"] == "speech.audio.delta" for e in events[:-1])
+    assert audio == client.post("/tts/generate", json={"text": TEXT, "seed": 3,
+                                                       "format": "pcm_s16le"}).content
+
+
+def test_openai_voices_lists_the_builtin_and_stored(client):
+    body = client.get("/v1/audio/voices").json()
+    assert body["voices"][0] == "default" and "alloy" in body["builtin_aliases"]
+
+
+# -- WebSocket ------------------------------------------------------------------
+
+
+def test_websocket_streams_chunks_then_the_result(served, client):
+    from websockets.sync.client import connect
+
+    url = served.url.replace("http://", "ws://") + "/tts/stream"
+    with connect(url) as ws:
+        ws.send(json.dumps({"text": TEXT, "seed": 5, "format": "mp3", "api_key": KEY}))
+        chunks = []
+        while True:
+            message = ws.recv(timeout=120)
+            if isinstance(message, str):
+                result = json.loads(message)
+                break
+            chunks.append(message)
+    assert result["type"] == "result" and result["seed"] == 5 and result["chunks"] == len(chunks)
+    assert b"".join(chunks) == client.post("/tts/generate", json={"text": TEXT, "seed": 5,
+                                                                  "format": "mp3"}).content
+    with connect(url) as ws:
+        ws.send(json.dumps({"text": TEXT}))  # no key
+        assert json.loads(ws.recv(timeout=30))["code"] == "unauthorized"
+    with connect(url, additional_headers=AUTH) as ws:
+        ws.send(json.dumps({"text": "hi", "voice_id": "ghost"}))
+        error = json.loads(ws.recv(timeout=30))
+        assert error == {"type": "error", "code": "voice_not_found",
+                         "detail": "Voice 'ghost' not found."}
+
+
+# -- load -----------------------------------------------------------------------
+
+
+def test_a_client_that_goes_away_frees_the_engine(served, client, caplog):
+    caplog.set_level("INFO", logger="chatterbox_worker.server")
+    with client.stream("POST", "/tts/generate", json={"text": "A long narration. " * 10,
+                                                      "seed": 1}) as response:
+        assert response.status_code == 200
+        next(response.iter_raw())
+    # Leaving the block closes the connection mid-take.
+    served.wait_idle()
+    assert any("outcome=cancelled" in m for m in caplog.messages)
+    assert client.post("/tts/generate", json={"text": "Next.", "seed": 1}).status_code == 200
+
+
+def test_beyond_the_queue_is_429(engine, settings_env, tmp_path, monkeypatch):
+    app = ServedApp({**settings_env, "VOICES_DIR": str(tmp_path), "MAX_CONCURRENCY": "1",
+                     "MAX_QUEUE": "0"}, service_loader(engine))
+    try:
+        app.wait_ready()
+        with httpx.Client(base_url=app.url, timeout=60) as c:
+            with c.stream("POST", "/tts/generate", json={"text": "A long narration. " * 10}) as r:
+                next(r.iter_raw())  # holds the only slot
+                busy = c.post("/tts/generate", json={"text": "hi"})
+                assert busy.status_code == 429 and busy.headers["retry-after"]
+                assert busy.json()["code"] == "busy"
+            app.wait_idle()
+            assert c.post("/tts/generate", json={"text": "hi", "seed": 1}).status_code == 200
+    finally:
+        app.stop()
