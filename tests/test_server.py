@@ -205,7 +205,7 @@ def test_ping_and_health_while_loading_then_ready(engine, settings_env, tmp_path
             assert health.status_code == 503 and health.json()["status"] == "loading"
             loading = c.post("/tts/generate", json={"text": "hi"})
             assert loading.status_code == 503 and loading.json()["code"] == "model_unavailable"
-            assert "retry-after" in loading.headers
+            assert "retry-after" in loading.headers and loading.headers["x-request-id"]
             gate.set()
             app.wait_ready()
             assert c.get("/ping").status_code == 200

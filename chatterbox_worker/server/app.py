@@ -208,7 +208,9 @@ class Gate:
                 if scope["type"] == "websocket":
                     return await send({"type": "websocket.close", "code": 1013,
                                        "reason": "model unavailable"})
-                return await _send_response(error_response(exc, rid), scope, send)
+                response = error_response(exc, rid)
+                response.headers["x-request-id"] = rid
+                return await _send_response(response, scope, send)
         if scope["type"] == "websocket":
             return await self.app(scope, receive, send)
         limit = MAX_UPLOAD_BODY if path.rstrip("/") == "/voices" else MAX_JSON_BODY
