@@ -6,8 +6,8 @@ everything one encoder returns gives one valid file of its format, so the
 same encoder serves one-shot results and streamed chunks.
 
 PCM/WAV are written here (a WAV header is 44 bytes; for a stream of unknown
-length it declares the largest size, as streaming servers do). FLAC, MP3 and
-Ogg/Opus go through FFmpeg's encoders via PyAV, muxed into a sink that
+length it declares the largest size, as streaming servers do). FLAC, MP3,
+Ogg/Opus and AAC (ADTS) go through FFmpeg's encoders via PyAV, muxed into a sink that
 cannot seek, so nothing already returned is ever rewritten.
 """
 
@@ -26,11 +26,13 @@ CONTENT_TYPES = {
     "flac": "audio/flac",
     "mp3": "audio/mpeg",
     "opus": "audio/ogg",
+    "aac": "audio/aac",
 }
-EXTENSIONS = {"wav": "wav", "pcm_s16le": "pcm", "flac": "flac", "mp3": "mp3", "opus": "opus"}
+EXTENSIONS = {"wav": "wav", "pcm_s16le": "pcm", "flac": "flac", "mp3": "mp3", "opus": "opus",
+              "aac": "aac"}
 
 # Rough encoded bytes per second of mono audio, for refusing jobs that cannot fit.
-BITRATES = {"mp3": 64_000, "opus": 32_000}
+BITRATES = {"mp3": 64_000, "opus": 32_000, "aac": 64_000}
 
 
 def bytes_per_second(fmt: str, sample_rate: int) -> float:
@@ -131,7 +133,10 @@ class WavEncoder(PcmEncoder):
 class AvEncoder(Encoder):
     """FLAC, MP3 or Ogg/Opus through PyAV (FFmpeg's encoders and muxers)."""
 
-    FORMATS = {"flac": ("flac", "flac"), "mp3": ("mp3", "libmp3lame"), "opus": ("ogg", "libopus")}
+    # AAC (FFmpeg's own encoder) in ADTS framing, which streams: served on the
+    # OpenAI route only, the job contract does not offer it.
+    FORMATS = {"flac": ("flac", "flac"), "mp3": ("mp3", "libmp3lame"), "opus": ("ogg", "libopus"),
+               "aac": ("adts", "aac")}
 
     def __init__(self, fmt: str, sample_rate: int, *, whole_file: bool = False):
         """``whole_file``: return everything at ``flush`` from a seekable buffer, so the

@@ -311,7 +311,7 @@ def test_openai_client_whole_and_streamed(client, openai_client):
     assert decode_seconds(mp3) > 1.0
 
 
-@pytest.mark.parametrize("fmt", ["opus", "flac", "pcm"])
+@pytest.mark.parametrize("fmt", ["opus", "aac", "flac", "pcm"])
 def test_openai_formats(openai_client, fmt):
     audio = openai_client.audio.speech.create(model="chatterbox", voice="nova", input="Hello.",
                                               response_format=fmt, extra_body={"seed": 1})
@@ -323,7 +323,7 @@ def test_openai_formats(openai_client, fmt):
 
 @pytest.mark.parametrize("kwargs,fragment", [
     ({"speed": 1.5}, "speed"),
-    ({"response_format": "aac"}, "aac"),
+    ({"response_format": "m4a"}, "response_format"),
     ({"model": "whisper-1"}, "model"),
 ])
 def test_openai_refusals_are_400(openai_client, kwargs, fragment):

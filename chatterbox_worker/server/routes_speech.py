@@ -36,9 +36,10 @@ OPENAI_MODELS = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts", "chatterbox")
 # OpenAI's voice names mean the built-in voice unless a stored voice has that id.
 OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage",
                  "shimmer", "verse", "marin", "cedar")
-OPENAI_FORMATS = {"mp3": "mp3", "opus": "opus", "flac": "flac", "wav": "wav", "pcm": "pcm_s16le"}
-OPENAI_CONTENT_TYPES = {"mp3": "audio/mpeg", "opus": "audio/ogg", "flac": "audio/flac",
-                        "wav": "audio/wav", "pcm": "audio/pcm"}
+OPENAI_FORMATS = {"mp3": "mp3", "opus": "opus", "aac": "aac", "flac": "flac", "wav": "wav",
+                  "pcm": "pcm_s16le"}
+OPENAI_CONTENT_TYPES = {"mp3": "audio/mpeg", "opus": "audio/ogg", "aac": "audio/aac",
+                        "flac": "audio/flac", "wav": "audio/wav", "pcm": "audio/pcm"}
 # Chatterbox's own generate fields the OpenAI route also takes (extra_body in OpenAI's clients).
 SPEECH_EXTRAS = ("seed", "exaggeration", "cfg_weight", "temperature", "top_p", "min_p",
                  "repetition_penalty")
@@ -175,9 +176,6 @@ def openai_request(data: dict, service: Service, max_text_chars: int
         raise InvalidInput(f"model: '{excerpt(model, 40)}' is not served; use one of "
                            f"{', '.join(OPENAI_MODELS)} or {served}")
     response_format = data.get("response_format", "mp3")
-    if response_format == "aac":
-        raise InvalidInput("response_format: aac is not supported by this server; use mp3, opus, "
-                           "flac, wav or pcm")
     if response_format not in OPENAI_FORMATS:
         raise InvalidInput(f"response_format: '{excerpt(response_format, 20)}' is not one of "
                            f"{', '.join(OPENAI_FORMATS)}")
@@ -191,10 +189,14 @@ def openai_request(data: dict, service: Service, max_text_chars: int
         raise InvalidInput("stream_format: must be 'audio' or 'sse'")
     if not isinstance(data.get("input"), str):
         raise InvalidInput("input: must be a string")
-    fields = {"text": data["input"], "format": OPENAI_FORMATS[response_format],
+    fmt = OPENAI_FORMATS[response_format]
+    # AAC is not a format of the job contract: validate as MP3 (same rates), then encode AAC.
+    fields = {"text": data["input"], "format": "mp3" if fmt == "aac" else fmt,
               "voice_id": openai_voice(service, data.get("voice")),
               **{name: data[name] for name in SPEECH_EXTRAS if name in data}}
     request = parse_request({**fields, "action": "generate"}, max_text_chars=max_text_chars)
+    if fmt == "aac":
+        request = request.model_copy(update={"format": "aac"})
     return request, response_format, stream_format == "sse"
 
 
