@@ -66,6 +66,8 @@ ENVIRONMENT = {
     "allow_no_api_key": "ALLOW_NO_API_KEY",
     "max_queue": "MAX_QUEUE",
     "cors_origins": "CORS_ORIGINS",
+    "worker_mode": "WORKER_MODE",
+    "request_timeout_s": "REQUEST_TIMEOUT_S",
 }
 
 
@@ -134,6 +136,11 @@ class Settings(BaseModel):
     max_queue: int = Field(default=16, ge=0, le=10_000)
     # Comma-separated origins allowed by CORS; unset: no CORS headers.
     cors_origins: Optional[str] = None
+    # What `python handler.py` (the image's command) runs: the RunPod worker or the HTTP server.
+    worker_mode: Literal["worker", "server"] = "worker"
+    # Server mode: longest a request may take, queue wait included (RunPod
+    # load-balancing endpoints give a request 5.5 minutes).
+    request_timeout_s: float = Field(default=330.0, ge=1, le=24 * 3600)
 
     @field_validator("stream_chunk_tokens", mode="before")
     @classmethod
