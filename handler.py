@@ -3,7 +3,9 @@
 Importing this module reads the settings and loads and warms the model (so a
 broken model fails the worker at start-up, not on its first job); running it
 starts the RunPod worker, or with no RunPod job queue in the environment runs
-``test_input.json`` locally and saves the audio under ``output/``.
+``test_input.json`` locally and saves the audio under ``output/``. With
+``WORKER_MODE=server`` running it starts the HTTP server instead
+(``python -m chatterbox_worker.server``).
 """
 
 import logging
@@ -24,6 +26,11 @@ def _progress(job, progress):
 def _start():
     try:
         settings = load_settings()
+        if settings.worker_mode == "server" and __name__ == "__main__":
+            # One image, one command: WORKER_MODE=server serves HTTP instead (issue 12).
+            from chatterbox_worker.server.__main__ import main
+
+            sys.exit(main())
         logging.basicConfig(level=settings.log_level, stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         # Progress updates go to RunPod's job API, which exists only on the platform.

@@ -72,3 +72,14 @@ def test_listens_at_once_serves_when_loaded_and_drains_on_sigterm(settings_env, 
     finally:
         stop_process(process)
         log_file.close()
+
+
+def test_handler_runs_the_server_in_server_mode(settings_env):
+    """The image's one command (python handler.py) serves HTTP with WORKER_MODE=server: here
+    it gets as far as the server's own start-up check, before any model is loaded."""
+    done = subprocess.run([sys.executable, "handler.py"], cwd=ROOT,
+                          env=worker_env(**settings_env, WORKER_MODE="server", HOST="0.0.0.0",
+                                         PORT=free_port()),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.startswith("chatterbox-server: cannot start:") and "API_KEY" in done.stderr
