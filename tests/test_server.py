@@ -420,3 +420,40 @@ def test_beyond_the_queue_is_429(engine, settings_env, tmp_path, monkeypatch):
             assert c.post("/tts/generate", json={"text": "hi", "seed": 1}).status_code == 200
     finally:
         app.stop()
+
+
+def test_a_request_past_its_deadline_stops(engine, settings_env, tmp_path, monkeypatch):
+    """REQUEST_TIMEOUT_S: 504 before the first bytes, an incomplete transfer after them;
+    either way the synthesis stops and the slot is freed."""
+    original = engine.stream
+    hold_first, hold_second = threading.Event(), threading.Event()
+
+    def held(request, **kwargs):
+        chunks = original(request, **kwargs)
+        if request.text.startswith("Slow start"):
+            hold_first.wait(60)
+        yield next(chunks)
+        if request.text.startswith("Slow middle"):
+            hold_second.wait(60)
+        yield from chunks
+
+    monkeypatch.setattr(engine, "stream", held)
+    app = ServedApp({**settings_env, "VOICES_DIR": str(tmp_path), "REQUEST_TIMEOUT_S": "1"},
+                    service_loader(engine))
+    try:
+        app.wait_ready()
+        with httpx.Client(base_url=app.url, timeout=60) as c:
+            late = c.post("/tts/generate", json={"text": "Slow start, please."})
+            assert late.status_code == 504 and late.json()["code"] == "timeout"
+            hold_first.set()
+            app.wait_idle()
+            with c.stream("POST", "/tts/generate", json={"text": "Slow middle, please."}) as r:
+                assert r.status_code == 200
+                with pytest.raises(httpx.RemoteProtocolError):  # no final chunk
+                    r.read()
+            hold_second.set()
+            app.wait_idle()
+    finally:
+        hold_first.set()
+        hold_second.set()
+        app.stop()

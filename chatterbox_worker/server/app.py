@@ -52,6 +52,10 @@ class Busy(Exception):
     """Every slot runs and the wait queue is full."""
 
 
+class RequestTimeout(Exception):
+    """The request ran past ``REQUEST_TIMEOUT_S`` before its first bytes."""
+
+
 class Slots:
     """At most ``running`` syntheses at once and ``queue`` more waiting; beyond that ``Busy``.
 
@@ -304,6 +308,12 @@ def create_app(settings: Settings, loader: Optional[Callable[[Settings], Service
                              "is full; retry shortly", "code": "busy",
                              "request_id": request_id(request)},
                             status_code=429, headers={"Retry-After": "2"})
+
+    @app.exception_handler(RequestTimeout)
+    async def on_timeout(request: Request, exc: RequestTimeout):
+        return JSONResponse({"detail": f"the request took longer than REQUEST_TIMEOUT_S "
+                             f"({settings.request_timeout_s:g} s)", "code": "timeout",
+                             "request_id": request_id(request)}, status_code=504)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, exc: RequestValidationError):

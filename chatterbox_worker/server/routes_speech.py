@@ -24,8 +24,8 @@ from ..audio import CONTENT_TYPES
 from ..errors import InvalidInput, VoiceNotFound, WorkerError, excerpt
 from ..schemas import GenerateRequest, is_voice_id, parse_request
 from ..service import JobSummary, Service
-from .app import (STATUS, Busy, Slot, State, check_key, key_from_headers, request_id,
-                  require_key, require_key_or_bearer)
+from .app import (STATUS, Busy, RequestTimeout, Slot, State, check_key, key_from_headers,
+                  request_id, require_key, require_key_or_bearer)
 from .streaming import LiveStream
 
 log = logging.getLogger("chatterbox_worker.server")
@@ -82,25 +82,44 @@ def parse_generate(data: dict, max_text_chars: int) -> GenerateRequest:
 
 async def start_stream(core: State, service: Service, generate: GenerateRequest, rid: str,
                        action: str) -> Tuple[LiveStream, Optional[bytes], Slot]:
-    """A slot, the voice loaded, the first bytes made: everything that can still fail cleanly."""
+    """A slot, the voice loaded, the first bytes made: everything that can still fail cleanly.
+
+    ``RequestTimeout`` when ``REQUEST_TIMEOUT_S`` passes first (queue wait included)."""
     summary = JobSummary(rid, action=action, voice=generate.voice_id or "builtin")
-    slot = await core.slots.acquire()
-    live: Optional[LiveStream] = None
     loop = asyncio.get_running_loop()
+    deadline = loop.time() + core.settings.request_timeout_s
+    slot: Optional[Slot] = None
+    live: Optional[LiveStream] = None
     try:
-        live = await LiveStream.open(service, generate, core.executor, summary)
-        first = await live.next()
+        async with asyncio.timeout_at(deadline):
+            slot = await core.slots.acquire()
+            live = await LiveStream.open(service, generate, core.executor, summary)
+            live.deadline = deadline
+            first = await live.next()
         return live, first, slot
     except BaseException as exc:
         outcome = exc.code if isinstance(exc, WorkerError) else (
-            "cancelled" if isinstance(exc, asyncio.CancelledError) else "internal_error")
+            "cancelled" if isinstance(exc, asyncio.CancelledError) else
+            "timeout" if isinstance(exc, TimeoutError) else
+            "busy" if isinstance(exc, Busy) else "internal_error")
+        release = slot.release if slot is not None else (lambda: None)
         if live is not None:
-            live.close(outcome, then=lambda: loop.call_soon_threadsafe(slot.release))
+            live.close(outcome, then=lambda: loop.call_soon_threadsafe(release))
         else:
-            slot.release()
+            release()
             summary.outcome = outcome
             log.info(summary.line())
+        if isinstance(exc, TimeoutError):
+            raise RequestTimeout() from None
         raise
+
+
+async def next_in_time(live: LiveStream) -> Optional[bytes]:
+    """``live.next()``, or ``TimeoutError`` once the request's deadline has passed."""
+    remaining = live.deadline - asyncio.get_running_loop().time()
+    if remaining == float("inf"):
+        return await live.next()
+    return await asyncio.wait_for(live.next(), max(remaining, 0))
 
 
 async def audio_body(live: LiveStream, first: Optional[bytes], slot: Slot, rid: str,
@@ -113,11 +132,15 @@ async def audio_body(live: LiveStream, first: Optional[bytes], slot: Slot, rid: 
         data = first
         while data is not None:
             yield frame(data)
-            data = await live.next()
+            data = await next_in_time(live)
         if end is not None:
             yield end(live.stream.result())
     except (asyncio.CancelledError, GeneratorExit):
         outcome = "cancelled"
+        raise
+    except TimeoutError:
+        outcome = "timeout"
+        log.error("request=%s stopped at REQUEST_TIMEOUT_S after its first bytes", rid)
         raise
     except WorkerError as exc:
         outcome = exc.code
@@ -293,6 +316,9 @@ async def ws_stream(websocket: WebSocket):
                               1011 if STATUS.get(exc.code, 500) >= 500 else 1008)
     except Busy:
         return await _ws_fail(websocket, "busy", "the server is busy; retry shortly", 1013)
+    except RequestTimeout:
+        return await _ws_fail(websocket, "timeout", "the request took longer than "
+                              "REQUEST_TIMEOUT_S", 1011)
     loop = asyncio.get_running_loop()
     outcome = "ok"
     chunks = 0
@@ -301,11 +327,14 @@ async def ws_stream(websocket: WebSocket):
         while data is not None:
             await websocket.send_bytes(data)
             chunks += 1
-            data = await live.next()
+            data = await next_in_time(live)
         await websocket.send_json(live.stream.result(chunks=chunks))
         await websocket.close(1000)
     except (WebSocketDisconnect, asyncio.CancelledError, OSError):
         outcome = "cancelled"
+    except TimeoutError:
+        outcome = "timeout"
+        await _ws_fail(websocket, "timeout", "the request took longer than REQUEST_TIMEOUT_S", 1011)
     except WorkerError as exc:
         outcome = exc.code
         await _ws_fail(websocket, exc.code, exc.message, 1011)

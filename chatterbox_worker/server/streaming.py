@@ -31,6 +31,7 @@ class LiveStream:
         self._closing = threading.Lock()
         self._closed = False
         self._started = time.perf_counter()
+        self.deadline = float("inf")  # event-loop time after which the request stops
 
     @classmethod
     async def open(cls, service: Service, request: GenerateRequest,
