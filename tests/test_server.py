@@ -457,3 +457,27 @@ def test_a_request_past_its_deadline_stops(engine, settings_env, tmp_path, monke
         hold_first.set()
         hold_second.set()
         app.stop()
+
+
+def test_metrics_in_prometheus_text_format(served, client):
+    assert client.post("/tts/generate", json={"text": "Count me.", "seed": 1}).status_code == 200
+    client.post("/tts/generate", json={"text": "hi", "voice_id": "ghost"})
+    served.wait_idle()
+    with httpx.Client(base_url=served.url, timeout=30) as plain:
+        assert plain.get("/metrics").status_code == 401
+    response = client.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    samples = {}
+    for line in response.text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    assert samples['chatterbox_http_requests_total{method="POST",route="/tts/generate",status="200"}'] >= 1
+    assert samples['chatterbox_http_requests_total{method="POST",route="/tts/generate",status="404"}'] >= 1
+    assert samples['chatterbox_syntheses_total{outcome="ok"}'] >= 1
+    assert samples['chatterbox_syntheses_total{outcome="voice_not_found"}'] >= 1
+    assert samples["chatterbox_running_requests"] == 0 and samples["chatterbox_queued_requests"] == 0
+    assert "chatterbox_batch_size" in samples
+    assert samples["chatterbox_time_to_first_audio_seconds_count"] >= 1
+    assert samples['chatterbox_real_time_factor_bucket{le="+Inf"}'] == \
+        samples["chatterbox_real_time_factor_count"] >= 1

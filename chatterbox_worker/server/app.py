@@ -18,7 +18,7 @@ import threading
 import uuid
 from typing import Callable, Optional
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..config import Settings
 from ..errors import InternalError, ModelUnavailable, WorkerError, reason
 from ..service import Service
+from .metrics import Metrics
 
 log = logging.getLogger("chatterbox_worker.server")
 
@@ -113,6 +114,14 @@ class State:
         self.executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=settings.concurrency + 4, thread_name_prefix="http")
         self.health_port: Optional[int] = None
+        self.metrics = Metrics()
+
+    def batch_size(self) -> int:
+        """Requests in the engine's current decode step (0 before the first one)."""
+        engine = self.service.engine if self.service is not None else None
+        if engine is None or engine.decoder_kind == "single":
+            return 0
+        return engine.scheduler.active
 
     @property
     def phase(self) -> str:
@@ -237,6 +246,10 @@ class Gate:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
+                route = scope.get("route")
+                self.state.metrics.count_request(scope["method"],
+                                                 getattr(route, "path", "unmatched"),
+                                                 message["status"])
                 message.setdefault("headers", [])
                 message["headers"] = list(message["headers"]) + [(b"x-request-id", rid.encode())]
             await send(message)
@@ -355,6 +368,12 @@ def create_app(settings: Settings, loader: Optional[Callable[[Settings], Service
             return JSONResponse(body, status_code=503)
         body = await asyncio.get_running_loop().run_in_executor(None, state.service.health)
         return JSONResponse({**body, **counts})
+
+    @app.get("/metrics", dependencies=[Depends(require_key)])
+    async def metrics():
+        text = state.metrics.render(running=state.slots.running, queued=state.slots.waiting,
+                                    batch=state.batch_size())
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     app.include_router(routes_speech.router)
     app.include_router(routes_voices.router)

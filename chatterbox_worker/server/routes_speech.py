@@ -93,7 +93,8 @@ async def start_stream(core: State, service: Service, generate: GenerateRequest,
     try:
         async with asyncio.timeout_at(deadline):
             slot = await core.slots.acquire()
-            live = await LiveStream.open(service, generate, core.executor, summary)
+            live = await LiveStream.open(service, generate, core.executor, summary,
+                                         core.metrics.observe)
             live.deadline = deadline
             first = await live.next()
         return live, first, slot
@@ -109,6 +110,7 @@ async def start_stream(core: State, service: Service, generate: GenerateRequest,
             release()
             summary.outcome = outcome
             log.info(summary.line())
+            core.metrics.observe(summary)
         if isinstance(exc, TimeoutError):
             raise RequestTimeout() from None
         raise

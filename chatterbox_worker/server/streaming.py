@@ -23,9 +23,10 @@ _END = object()
 
 class LiveStream:
     def __init__(self, stream: AudioStream, executor: concurrent.futures.Executor,
-                 summary: JobSummary):
+                 summary: JobSummary, observe: Callable[[JobSummary], None] = lambda s: None):
         self.stream = stream
         self.summary = summary
+        self._observe = observe
         self._executor = executor
         self._step: Optional[concurrent.futures.Future] = None
         self._closing = threading.Lock()
@@ -35,11 +36,12 @@ class LiveStream:
 
     @classmethod
     async def open(cls, service: Service, request: GenerateRequest,
-                   executor: concurrent.futures.Executor, summary: JobSummary) -> "LiveStream":
+                   executor: concurrent.futures.Executor, summary: JobSummary,
+                   observe: Callable[[JobSummary], None] = lambda s: None) -> "LiveStream":
         """Check the request and load its voice (off the loop), ready to step."""
         loop = asyncio.get_running_loop()
         stream = await loop.run_in_executor(executor, lambda: service.stream(request))
-        return cls(stream, executor, summary)
+        return cls(stream, executor, summary, observe)
 
     async def next(self) -> Optional[bytes]:
         """The next encoded bytes, or ``None`` at the end of the take."""
@@ -71,6 +73,7 @@ class LiveStream:
             self.summary.ttfa_s = self.stream.first_audio_s
             self.summary.total_s = time.perf_counter() - self._started
             log.info(self.summary.line())
+            self._observe(self.summary)
             if then is not None:
                 then()
 
