@@ -481,3 +481,32 @@ def test_metrics_in_prometheus_text_format(served, client):
     assert samples["chatterbox_time_to_first_audio_seconds_count"] >= 1
     assert samples['chatterbox_real_time_factor_bucket{le="+Inf"}'] == \
         samples["chatterbox_real_time_factor_count"] >= 1
+
+
+def test_cors_is_off_unless_origins_are_set(served, engine, settings_env, tmp_path):
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+    with httpx.Client(base_url=served.url, timeout=30) as c:
+        assert "access-control-allow-origin" not in c.options("/tts/generate", headers=preflight).headers
+    app = ServedApp({**settings_env, "VOICES_DIR": str(tmp_path),
+                     "CORS_ORIGINS": "https://app.example"}, service_loader(engine))
+    try:
+        app.wait_ready()
+        with httpx.Client(base_url=app.url, timeout=30) as c:
+            answer = c.options("/tts/generate", headers=preflight)
+            assert answer.headers["access-control-allow-origin"] == "https://app.example"
+            other = c.options("/tts/generate", headers={**preflight, "Origin": "https://evil.example"})
+            assert "access-control-allow-origin" not in other.headers
+    finally:
+        app.stop()
+
+
+def test_a_websocket_that_goes_away_frees_the_engine(served, caplog):
+    from websockets.sync.client import connect
+
+    caplog.set_level("INFO", logger="chatterbox_worker.server")
+    url = served.url.replace("http://", "ws://") + "/tts/stream"
+    with connect(url, additional_headers=AUTH) as ws:
+        ws.send(json.dumps({"text": "A long narration. " * 10, "seed": 2}))
+        assert isinstance(ws.recv(timeout=120), bytes)
+    served.wait_idle()
+    assert any("action=ws_stream" in m and "outcome=cancelled" in m for m in caplog.messages)
