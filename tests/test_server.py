@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import threading
+import time
 
 import httpx
 import pytest
@@ -393,29 +394,63 @@ def test_websocket_streams_chunks_then_the_result(served, client):
 # -- load -----------------------------------------------------------------------
 
 
-def test_a_client_that_goes_away_frees_the_engine(served, client, caplog):
+@pytest.fixture
+def held_after_first_chunk(engine, monkeypatch):
+    """Streams whose text starts with "Held" stop after their first chunk until the event is set."""
+    original = engine.stream
+    release = threading.Event()
+
+    def held(request, **kwargs):
+        chunks = original(request, **kwargs)
+        yield next(chunks)
+        if request.text.startswith("Held"):
+            assert release.wait(60)
+        yield from chunks
+
+    monkeypatch.setattr(engine, "stream", held)
+    yield release
+    release.set()
+
+
+def test_a_client_that_goes_away_frees_the_engine(served, client, held_after_first_chunk,
+                                                  monkeypatch, caplog):
+    from chatterbox_worker.server.streaming import LiveStream
+
     caplog.set_level("INFO", logger="chatterbox_worker.server")
-    with client.stream("POST", "/tts/generate", json={"text": "A long narration. " * 10,
+    closed = []
+    original_close = LiveStream.close
+    monkeypatch.setattr(LiveStream, "close",
+                        lambda self, *a, **k: closed.append(a) or original_close(self, *a, **k))
+    with client.stream("POST", "/tts/generate", json={"text": "Held narration. " * 10,
                                                       "seed": 1}) as response:
         assert response.status_code == 200
         next(response.iter_raw())
-    # Leaving the block closes the connection mid-take.
+    # Leaving the block closes the connection mid-take; the server notices at once.
+    deadline = time.monotonic() + 60
+    while not closed:
+        assert time.monotonic() < deadline, "the server did not notice the disconnect"
+        time.sleep(0.01)
+    assert closed[0][0] == "cancelled"
+    held_after_first_chunk.set()  # the step in progress ends; the stream is closed after it
     served.wait_idle()
     assert any("outcome=cancelled" in m for m in caplog.messages)
     assert client.post("/tts/generate", json={"text": "Next.", "seed": 1}).status_code == 200
 
 
-def test_beyond_the_queue_is_429(engine, settings_env, tmp_path, monkeypatch):
+def test_beyond_the_queue_is_429(engine, settings_env, tmp_path, held_after_first_chunk):
     app = ServedApp({**settings_env, "VOICES_DIR": str(tmp_path), "MAX_CONCURRENCY": "1",
                      "MAX_QUEUE": "0"}, service_loader(engine))
     try:
         app.wait_ready()
         with httpx.Client(base_url=app.url, timeout=60) as c:
-            with c.stream("POST", "/tts/generate", json={"text": "A long narration. " * 10}) as r:
-                next(r.iter_raw())  # holds the only slot
+            with c.stream("POST", "/tts/generate", json={"text": "Held, and long."}) as r:
+                raw = r.iter_raw()
+                next(raw)  # holds the only slot
                 busy = c.post("/tts/generate", json={"text": "hi"})
                 assert busy.status_code == 429 and busy.headers["retry-after"]
                 assert busy.json()["code"] == "busy"
+                held_after_first_chunk.set()
+                assert b"".join(raw)
             app.wait_idle()
             assert c.post("/tts/generate", json={"text": "hi", "seed": 1}).status_code == 200
     finally:
@@ -500,13 +535,26 @@ def test_cors_is_off_unless_origins_are_set(served, engine, settings_env, tmp_pa
         app.stop()
 
 
-def test_a_websocket_that_goes_away_frees_the_engine(served, caplog):
+def test_a_websocket_that_goes_away_frees_the_engine(served, held_after_first_chunk, monkeypatch,
+                                                     caplog):
     from websockets.sync.client import connect
 
+    from chatterbox_worker.server.streaming import LiveStream
+
     caplog.set_level("INFO", logger="chatterbox_worker.server")
+    closed = []
+    original_close = LiveStream.close
+    monkeypatch.setattr(LiveStream, "close",
+                        lambda self, *a, **k: closed.append(a) or original_close(self, *a, **k))
     url = served.url.replace("http://", "ws://") + "/tts/stream"
     with connect(url, additional_headers=AUTH) as ws:
-        ws.send(json.dumps({"text": "A long narration. " * 10, "seed": 2}))
+        ws.send(json.dumps({"text": "Held narration. " * 10, "seed": 2}))
         assert isinstance(ws.recv(timeout=120), bytes)
+    deadline = time.monotonic() + 60
+    while not closed:  # noticed while the chunk in progress is still being made
+        assert time.monotonic() < deadline, "the server did not notice the close"
+        time.sleep(0.01)
+    assert closed[0][0] == "cancelled"
+    held_after_first_chunk.set()
     served.wait_idle()
     assert any("action=ws_stream" in m and "outcome=cancelled" in m for m in caplog.messages)

@@ -324,12 +324,23 @@ async def ws_stream(websocket: WebSocket):
     loop = asyncio.get_running_loop()
     outcome = "ok"
     chunks = 0
+    # Reads what the client sends while audio goes out: its close stops the synthesis at
+    # once, instead of at the next chunk the server fails to send.
+    watcher = asyncio.ensure_future(websocket.receive())
     try:
         data = first
         while data is not None:
             await websocket.send_bytes(data)
             chunks += 1
-            data = await next_in_time(live)
+            step = asyncio.ensure_future(next_in_time(live))
+            while not step.done():
+                await asyncio.wait({step, watcher}, return_when=asyncio.FIRST_COMPLETED)
+                if watcher.done():
+                    if watcher.result()["type"] == "websocket.disconnect":
+                        step.cancel()
+                        raise WebSocketDisconnect()
+                    watcher = asyncio.ensure_future(websocket.receive())  # ignored
+            data = step.result()
         await websocket.send_json(live.stream.result(chunks=chunks))
         await websocket.close(1000)
     except (WebSocketDisconnect, asyncio.CancelledError, OSError):
@@ -346,4 +357,5 @@ async def ws_stream(websocket: WebSocket):
         await _ws_fail(websocket, "internal_error", "the request failed unexpectedly; the server "
                        "logged the details under this request id", 1011)
     finally:
+        watcher.cancel()
         live.close(outcome, then=lambda: loop.call_soon_threadsafe(slot.release))
