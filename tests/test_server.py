@@ -12,10 +12,8 @@ import httpx
 import pytest
 import soundfile
 
-from chatterbox_worker.config import load_settings
 from chatterbox_worker.jobs import JobRunner
 from chatterbox_worker.tiny_model import synthetic_reference
-from chatterbox_worker.voices import VoiceStore
 from tests.http_server import ServedApp, service_loader
 
 KEY = "test-key-123"
