@@ -1,7 +1,8 @@
 """RunPod serverless entry point for the Chatterbox TTS worker.
 
-Importing this module reads the settings and loads and warms the model (so a
-broken model fails the worker at start-up, not on its first job); running it
+Importing this module reads the settings and loads and warms the model (a
+malformed setting stops it at start-up; a model that cannot load leaves it
+up, answering each job with ``model_unavailable`` and the reason); running it
 starts the RunPod worker, or with no RunPod job queue in the environment runs
 ``test_input.json`` locally and saves the audio under ``output/``. With
 ``WORKER_MODE=server`` running it starts the HTTP server instead
@@ -13,14 +14,19 @@ import os
 import sys
 
 from chatterbox_worker.config import load_settings
-from chatterbox_worker.errors import ConfigError
-from chatterbox_worker.jobs import create_runner
+from chatterbox_worker.startup import failure_line, start_runner
 
 
 def _progress(job, progress):
     import runpod
 
     runpod.serverless.progress_update(job, progress)
+
+
+def _local_run() -> bool:
+    """``python handler.py`` without a RunPod queue or the dev API: the test_input.json run."""
+    serve_api = any(arg.startswith("--rp_serve_api") for arg in sys.argv[1:])
+    return __name__ == "__main__" and not serve_api and not os.environ.get("RUNPOD_WEBHOOK_GET_JOB")
 
 
 def _start():
@@ -35,11 +41,12 @@ def _start():
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         # Progress updates go to RunPod's job API, which exists only on the platform.
         on_platform = bool(os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT"))
-        return create_runner(settings, progress=_progress if on_platform else None)
-    except ConfigError as exc:
-        print(f"chatterbox-worker: cannot start: {exc}", file=sys.stderr)
+        # A model that cannot load: a worker stays up and answers each job
+        # with model_unavailable (startup.py); the local run exits with the line.
+        return start_runner(settings, progress=_progress if on_platform else None,
+                            stay_up=not _local_run())
     except Exception as exc:  # one line, no traceback: the operator reads this in RunPod's log
-        print(f"chatterbox-worker: cannot start: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"chatterbox-worker: cannot start: {failure_line(exc)}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -57,8 +64,7 @@ async def handler(job):
 
 
 if __name__ == "__main__":
-    serve_api = any(arg.startswith("--rp_serve_api") for arg in sys.argv[1:])
-    if not serve_api and not os.environ.get("RUNPOD_WEBHOOK_GET_JOB"):
+    if _local_run():
         from pathlib import Path
 
         from chatterbox_worker.local_test import read_job, run_job

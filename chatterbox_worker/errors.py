@@ -55,7 +55,7 @@ class StorageUnavailable(WorkerError):
 
 
 class ModelUnavailable(WorkerError):
-    """Server mode: the model is still loading, or failed to load."""
+    """The model is still loading (server mode), or could not be loaded."""
 
     code = "model_unavailable"
 
