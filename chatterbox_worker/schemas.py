@@ -183,19 +183,74 @@ Request = Union[GenerateRequest, UploadVoiceRequest, GetVoiceRequest, ListVoices
                 DeleteVoiceRequest, HealthRequest]
 
 
-def describe_errors(exc: ValidationError) -> str:
-    """One readable line from pydantic's errors: ``field: problem; field: problem``."""
-    parts = []
+# What each field must be, in the client's words. pydantic's own wording names
+# its internals (``temperature.float: Input should be a valid number``, one
+# line per member of a union), so a field's type or range error is answered
+# with this one sentence instead; messages of our own validators pass through.
+_VOICE_ID_RULE = "must be 1-64 letters, digits, '_' or '-', starting with a letter or digit"
+_PLAIN_RULES = {
+    "action": "must be one of: " + ", ".join(REQUESTS),
+    "text": "must be a string",
+    "voice_id": _VOICE_ID_RULE,
+    "format": "must be one of: wav, pcm_s16le, flac, mp3, opus",
+    "output": "must be one of: auto, inline, s3",
+    "sample_rate": (f"must be a whole number of samples per second, {PCM_RATE_RANGE[0]} to "
+                    f"{PCM_RATE_RANGE[1]}"),
+    "seed": "must be a whole number from 0 to 9223372036854775807, or null for a random seed",
+    "stream": "must be true or false",
+    "overwrite": "must be true or false",
+    "rebuild": "must be true or false",
+    "export": "must be true or false",
+    "language": "must be a language code string such as \"en\"",
+    "audio_base64": "must be a base64 string, or a list of them (one per clip)",
+    "audio_url": "must be an http(s) URL string, or a list of them (one per clip)",
+    "voice_base64": "must be a base64 string (a voice file exported by get_voice)",
+}
+
+
+def _number_rule(model: type, name: str) -> Optional[str]:
+    """"must be a number from 0.05 to 5" from a numeric field's bounds, or ``None``."""
+    field = model.model_fields.get(name)
+    if field is None or field.annotation is not Number:
+        return None
+    bounds = {key: getattr(item, key) for item in field.metadata
+              for key in ("ge", "gt", "le", "lt") if getattr(item, key, None) is not None}
+    low = (f"from {bounds['ge']:g}" if "ge" in bounds else
+           f"greater than {bounds['gt']:g}" if "gt" in bounds else None)
+    high = f"at most {bounds['le']:g}" if "le" in bounds else None
+    if low and low.startswith("from") and high:
+        return f"must be a number {low} to {bounds['le']:g}"
+    return "must be a number " + " and ".join(part for part in (low, high) if part)
+
+
+def describe_errors(exc: ValidationError, model: Optional[type] = None) -> str:
+    """One readable line from pydantic's errors: ``field: problem; field: problem``.
+
+    One sentence per field, in the order pydantic reports them: the field's
+    rule (``temperature: must be a number from 0.05 to 5``), our validator's
+    message, ``is required`` or ``unknown field``.
+    """
+    fields = getattr(model, "model_fields", {})
+    said: dict = {}
     for error in exc.errors(include_url=False):
+        loc = error["loc"]
         # Field names come from the client: an unknown one is quoted, never in full.
-        field = ".".join(excerpt(str(part), 40) for part in error["loc"])
-        message = error["msg"]
-        if error["type"] == "extra_forbidden":
+        name = excerpt(str(loc[0]), 40) if loc else ""
+        if name in said:
+            continue  # one sentence per field (a union reports one error per member)
+        kind = error["type"]
+        if kind == "extra_forbidden" or (loc and model is not None and loc[0] not in fields):
             message = "unknown field"
-        elif message.startswith("Value error, "):
-            message = message[len("Value error, "):]
-        parts.append(f"{field}: {message}" if field else message)
-    return "; ".join(parts)
+        elif kind == "missing":
+            message = "is required"
+        elif kind == "value_error":
+            message = error["msg"][len("Value error, "):] if error["msg"].startswith(
+                "Value error, ") else error["msg"]
+        else:
+            message = (_number_rule(model, loc[0]) if loc and model is not None else None) \
+                or _PLAIN_RULES.get(name) or "has a value of the wrong type or out of range"
+        said[name] = message
+    return "; ".join(f"{name}: {message}" if name else message for name, message in said.items())
 
 
 def parse_request(job_input: Any, *, max_text_chars: int) -> Request:
@@ -217,4 +272,4 @@ def parse_request(job_input: Any, *, max_text_chars: int) -> Request:
     try:
         return model.model_validate(data, context={"max_text_chars": max_text_chars})
     except ValidationError as exc:
-        raise InvalidInput(describe_errors(exc)) from None
+        raise InvalidInput(describe_errors(exc, model)) from None

@@ -42,6 +42,57 @@ def test_bad_input_names_what_to_fix(data, needle):
     assert info.value.code == "invalid_input"
 
 
+@pytest.mark.parametrize("data,message", [
+    ({"text": "hi", "temperature": "hot"}, "temperature: must be a number from 0.05 to 5"),
+    ({"text": "hi", "temperature": True}, "temperature: must be a number from 0.05 to 5"),
+    ({"text": "hi", "temperature": None}, "temperature: must be a number from 0.05 to 5"),
+    ({"text": "hi", "temperature": 9}, "temperature: must be a number from 0.05 to 5"),
+    ({"text": "hi", "exaggeration": 3}, "exaggeration: must be a number from 0.25 to 2"),
+    ({"text": "hi", "cfg_weight": [1]}, "cfg_weight: must be a number from 0 to 1"),
+    ({"text": "hi", "top_p": 0}, "top_p: must be a number greater than 0 and at most 1"),
+    ({"text": "hi", "min_p": "a"}, "min_p: must be a number from 0 to 1"),
+    ({"text": "hi", "repetition_penalty": 0.5}, "repetition_penalty: must be a number from 1 to 2"),
+    ({"text": "hi", "seed": 1.5},
+     "seed: must be a whole number from 0 to 9223372036854775807, or null for a random seed"),
+    ({"text": "hi", "sample_rate": "x"},
+     "sample_rate: must be a whole number of samples per second, 8000 to 48000"),
+    ({"text": "hi", "format": "ogg"}, "format: must be one of: wav, pcm_s16le, flac, mp3, opus"),
+    ({"text": "hi", "output": "disk"}, "output: must be one of: auto, inline, s3"),
+    ({"text": "hi", "stream": "yes"}, "stream: must be true or false"),
+    ({"text": 5}, "text: must be a string"),
+    ({"text": "hi", "language": 3}, 'language: must be a language code string such as "en"'),
+    ({"text": "hi", "voice_id": 5},
+     "voice_id: must be 1-64 letters, digits, '_' or '-', starting with a letter or digit"),
+    ({"action": "upload_voice", "voice_id": "a", "audio_base64": [5]},
+     "audio_base64: must be a base64 string, or a list of them (one per clip)"),
+    ({"action": "upload_voice", "voice_id": "a", "audio_url": {"u": 1}},
+     "audio_url: must be an http(s) URL string, or a list of them (one per clip)"),
+    ({"action": "upload_voice"}, "voice_id: is required"),
+    ({"action": "get_voice", "voice_id": "a", "export": 1}, "export: must be true or false"),
+    ({"text": "hi", "min_p": 2, "repetition_penalty": 0.5},
+     "min_p: must be a number from 0 to 1; repetition_penalty: must be a number from 1 to 2"),
+])
+def test_every_field_error_is_one_plain_sentence(data, message):
+    """No pydantic internals (``temperature.float: Input should be a valid number``), one
+    sentence per field that says what the field must be."""
+    with pytest.raises(InvalidInput) as info:
+        parse(data)
+    assert info.value.message == message
+
+
+def test_no_field_error_uses_the_validation_library_wording():
+    bad = {"text": 5, "voice_id": 5, "format": 5, "output": 5, "sample_rate": "x", "stream": 5,
+           "seed": "x", "exaggeration": "x", "cfg_weight": "x", "temperature": "x", "top_p": "x",
+           "min_p": "x", "repetition_penalty": "x", "language": 5}
+    with pytest.raises(InvalidInput) as info:
+        parse(bad)
+    message = info.value.message
+    assert message.count(": must be") == len(bad)
+    for internal in ("Input should", "valid number", "valid integer", ".float", ".int",
+                     "list[str]", "unable to parse"):
+        assert internal not in message
+
+
 def test_cfg_weight_zero_and_integers_for_floats_are_accepted():
     r = parse({"text": "hi", "cfg_weight": 0, "exaggeration": 1})
     assert r.cfg_weight == 0 and r.exaggeration == 1
