@@ -19,7 +19,7 @@ import time
 from typing import AsyncIterator, Callable, Iterator, Optional
 
 from .config import Settings
-from .errors import ConfigError, ModelUnavailable
+from .errors import ConfigError, ModelUnavailable, reason
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def failure_line(exc: BaseException) -> str:
     """The one line an operator and an API user read about a failed start."""
     if isinstance(exc, ConfigError):
         return str(exc)
-    return f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+    return f"{type(exc).__name__}: {reason(exc, 300)}"  # the third party's text is cut, with a marker
 
 
 class ModelUnavailableRunner:

@@ -68,6 +68,11 @@ def test_failure_line_is_one_line():
     assert failure_line(RuntimeError("first\nsecond")) == "RuntimeError: first"
 
 
+def test_failure_line_cuts_a_long_reason_with_a_visible_marker():
+    line = failure_line(RuntimeError("x" * 1000))
+    assert line.startswith("RuntimeError: " + "x" * 300) and line.endswith("… [700 more characters]")
+
+
 def test_the_dev_api_worker_answers_model_unavailable(tmp_path, tiny_checkpoint, settings_env):
     model_dir = broken_checkpoint(tmp_path / "model", tiny_checkpoint)
     env = worker_env(**{**settings_env, "CHATTERBOX_MODEL_DIR": str(model_dir)})

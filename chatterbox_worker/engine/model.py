@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, excerpt, reason
 from .architecture import ModelSizes, build_s3gen, build_t3, build_voice_encoder
 from .weights import WeightSource, required_files
 
@@ -68,7 +68,7 @@ def _load_safetensors(path: Path) -> dict:
     try:
         return load_file(str(path))
     except Exception as exc:
-        raise ConfigError(f"cannot read {path.name}: {str(exc).splitlines()[0][:200]}") from None
+        raise ConfigError(f"cannot read {path.name}: {reason(exc, 200)}") from None
 
 
 def _load_state(module: torch.nn.Module, state: dict, name: str, *, strict: bool = True,
@@ -78,7 +78,7 @@ def _load_state(module: torch.nn.Module, state: dict, name: str, *, strict: bool
     except RuntimeError as exc:
         first = str(exc).splitlines()
         raise ConfigError(f"{name} does not fit the {type(module).__name__} model: "
-                          f"{' '.join(first[:2])[:300]}") from None
+                          f"{excerpt(' '.join(first[:2]), 300)}") from None
     if not strict:
         missing = [k for k in result.missing_keys if not k.endswith(allowed_missing)]
         if missing:
@@ -152,7 +152,7 @@ def load_model(source: WeightSource, *, variant: str, device: str,
     try:
         tokenizer = EnTokenizer(str(directory / "tokenizer.json"))
     except Exception as exc:
-        raise ConfigError(f"cannot read tokenizer.json: {str(exc)[:200]}") from None
+        raise ConfigError(f"cannot read tokenizer.json: {reason(exc, 200)}") from None
 
     for module in (ve, t3, s3gen):
         module.to(device).eval()
@@ -164,7 +164,7 @@ def load_model(source: WeightSource, *, variant: str, device: str,
         try:
             builtin = Conditionals.load(conds_path, map_location="cpu").to(device)
         except Exception as exc:
-            raise ConfigError(f"cannot read conds.pt (built-in voice): {str(exc)[:200]}") from None
+            raise ConfigError(f"cannot read conds.pt (built-in voice): {reason(exc, 200)}") from None
 
     return ChatterboxModel(
         variant=variant, device=device, t3=t3, s3gen=s3gen, voice_encoder=ve,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
-from ..errors import ConfigError
+from ..errors import ConfigError, reason
 
 HUB_REPO = "ResembleAI/chatterbox"
 
@@ -113,8 +113,7 @@ def locate_weights(variant: str, *, model_dir: Optional[Path], baked_dir: Path,
     try:
         directory = hub(variant)
     except Exception as exc:  # any Hub failure: offline, auth, rate limit
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        tried.append(f"Hugging Face Hub ({HUB_REPO}): {reason[:200]}")
+        tried.append(f"Hugging Face Hub ({HUB_REPO}): {reason(exc, 200)}")
         raise ConfigError("no model weights found; tried " + "; ".join(tried)) from None
     missing = _missing(directory, names)
     if missing:
