@@ -9,9 +9,11 @@ with ``requests``; the dev API differs only in using POST for ``/status`` and
 from __future__ import annotations
 
 import base64
+import re
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator, List, Optional
 
 import requests
@@ -111,8 +113,69 @@ def generate(endpoint: Endpoint, job_input: dict, out, *,
     return result
 
 
+# Output file extensions and the format each one means.
+FORMATS = {".wav": "wav", ".pcm": "pcm_s16le", ".raw": "pcm_s16le", ".flac": "flac",
+           ".mp3": "mp3", ".opus": "opus", ".ogg": "opus"}
+
+
+class UsageError(Exception):
+    """A command line the client refuses before sending anything (exit code 2)."""
+
+
+def output_format(path: Path, given: Optional[str] = None) -> str:
+    """The format to ask for: ``given`` (``--format``), else the one ``path``'s extension names.
+
+    A name without an extension gets WAV; an extension that names no format is
+    refused, so ``speech.m4a`` never silently holds WAV bytes.
+    """
+    if given:
+        return given
+    suffix = path.suffix.lower()
+    if not suffix:
+        return "wav"
+    if suffix not in FORMATS:
+        raise UsageError(f"cannot tell the audio format from the file name '{path.name}': "
+                         f"{suffix} is not one of {', '.join(FORMATS)}; rename the file or "
+                         f"give --format ({', '.join(sorted(set(FORMATS.values())))})")
+    return FORMATS[suffix]
+
+
+# The worker's error messages name the job's JSON fields; the command line
+# user knows the flags. Field names at the start of an invalid_input sentence,
+# and the fixes the worker suggests, are said in the CLI's words.
+FIELD_FLAGS = {
+    "voice_id": "--voice", "format": "--format", "sample_rate": "--sample-rate",
+    "seed": "--seed", "stream": "--stream", "output": "--s3", "exaggeration": "--exaggeration",
+    "cfg_weight": "--cfg-weight", "temperature": "--temperature", "top_p": "--top-p",
+    "min_p": "--min-p", "repetition_penalty": "--repetition-penalty", "language": "--language",
+    "overwrite": "--overwrite", "rebuild": "--rebuild", "audio_base64": "--audio",
+    "voice_base64": "--voice-file", "export": "--export",
+}
+FIX_PHRASES = (
+    ("pass overwrite: true", "pass --overwrite"),
+    ("Export it and upload it again with voice_base64 and rebuild: true",
+     "Export it (voice ID --export FILE) and upload it again with --voice-file FILE --rebuild"),
+    ("Upload it again with rebuild: true", "Upload it again with --rebuild"),
+    ("use get_voice with export: true", "export it with: voice ID --export FILE"),
+    ("with get_voice and export: true", "with: voice ID --export FILE"),
+    ("use format 'opus' or 'mp3'", "use --format opus or mp3 (or a .opus or .mp3 file name)"),
+    ("or output 's3'", "or --s3"),
+    ("output 's3' needs S3 storage", "--s3 needs S3 storage"),
+    ("rebuild applies only to voice_base64", "--rebuild applies only to --voice-file"),
+)
+_FIELD_AT_SENTENCE = re.compile(r"(^invalid_input: |; )(" + "|".join(FIELD_FLAGS) + r"): ")
+
+
+def cli_message(error: str) -> str:
+    """The worker's error as a command-line user reads it: flags instead of JSON fields."""
+    for said, meant in FIX_PHRASES:
+        error = error.replace(said, meant)
+    return _FIELD_AT_SENTENCE.sub(lambda m: f"{m.group(1)}{FIELD_FLAGS[m.group(2)]}: ", error)
+
+
 def stderr_progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-__all__: List[str] = ["Endpoint", "JobFailed", "generate", "check", "stderr_progress"]
+__all__: List[str] = ["Endpoint", "FORMATS", "JobFailed", "UsageError", "check", "cli_message",
+                      "generate", "output_format", "stderr_progress"]

@@ -1,7 +1,9 @@
 """Call the Chatterbox worker on RunPod (or RunPod's local dev API) from the command line.
 
     export RUNPOD_API_KEY=... ENDPOINT_ID=...
-    python scripts/client.py generate "Hello there." -o hello.mp3 --format mp3 [--stream] [--voice ID]
+    python scripts/client.py generate "Hello there." -o hello.mp3 [--stream] [--voice ID] [--seed N]
+        [--exaggeration X] [--cfg-weight X] [--temperature X] [--top-p X] [--min-p X]
+        [--repetition-penalty X] [--language en] [--format F] [--sample-rate HZ] [--s3]
     python scripts/client.py upload narrator --audio ref.wav [--audio more.wav] [--overwrite]
     python scripts/client.py voices | voice narrator [--export FILE] | delete narrator | health
     python scripts/client.py --local http://127.0.0.1:8000 generate "Hi." -o hi.wav
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -23,7 +26,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import requests  # noqa: E402
 
-from chatterbox_worker.client import Endpoint, JobFailed, generate, stderr_progress  # noqa: E402
+from chatterbox_worker.client import (FORMATS, Endpoint, JobFailed, UsageError,  # noqa: E402
+                                      cli_message, generate, output_format, stderr_progress)
+
+
+# The generate job's sampling fields (docs/API.md), each a --flag of its own;
+# the worker checks the ranges and its error names the flag.
+SAMPLING = {
+    "exaggeration": (0.25, 2.0, 0.5, "emotion intensity"),
+    "cfg_weight": (0.0, 1.0, 0.5, "guidance weight, 0 turns guidance off"),
+    "temperature": (0.05, 5.0, 0.8, "sampling temperature"),
+    "top_p": ("above 0", 1.0, 1.0, "nucleus sampling"),
+    "min_p": (0.0, 1.0, 0.05, "min-p sampling"),
+    "repetition_penalty": (1.0, 2.0, 1.2, "penalty on repeated speech tokens"),
+}
+
+
+def number(text: str) -> float:
+    """A finite number (JSON has no NaN or infinity)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a finite number")
+    return value
 
 
 def parser() -> argparse.ArgumentParser:
@@ -36,11 +63,20 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("text")
     g.add_argument("-o", "--out", type=Path, required=True)
     g.add_argument("--voice", default=None)
-    g.add_argument("--format", default=None, help="default: from the file name, else wav")
+    g.add_argument("--format", default=None, choices=sorted(set(FORMATS.values())),
+                   help="default: from the file's extension (" + ", ".join(FORMATS)
+                   + "); wav when it has none")
     g.add_argument("--sample-rate", type=int, default=None)
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--seed", type=int, default=None, help="same seed and inputs: same audio")
+    for flag, (low, high, default, meaning) in SAMPLING.items():
+        g.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=number, default=None,
+                       metavar="X",
+                       help=f"{meaning}; {low} to {high}, default {default}")
+    g.add_argument("--language", default=None, help="language code (default en; the original "
+                   "model speaks English only)")
     g.add_argument("--stream", action="store_true", help="write audio as chunks arrive")
-    g.add_argument("--s3", action="store_true", help="ask for output: s3")
+    g.add_argument("--s3", action="store_true", help="have the worker upload the audio to its S3 "
+                   "bucket (output: s3); the client downloads it from the presigned URL")
     u = sub.add_parser("upload", help="store a voice from reference audio or an exported voice file")
     u.add_argument("voice_id")
     u.add_argument("--audio", type=Path, action="append", default=[])
@@ -57,8 +93,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-FORMATS = {".wav": "wav", ".pcm": "pcm_s16le", ".raw": "pcm_s16le", ".flac": "flac", ".mp3": "mp3",
-           ".opus": "opus", ".ogg": "opus"}
 
 
 def b64_file(path: Path) -> str:
@@ -67,10 +101,11 @@ def b64_file(path: Path) -> str:
 
 def run(args, endpoint: Endpoint) -> int:
     if args.command == "generate":
-        job = {"text": args.text, "format": args.format or FORMATS.get(args.out.suffix.lower(), "wav"),
+        job = {"text": args.text, "format": output_format(args.out, args.format),
                "stream": args.stream}
         for key, value in (("voice_id", args.voice), ("sample_rate", args.sample_rate),
-                           ("seed", args.seed)):
+                           ("seed", args.seed), ("language", args.language),
+                           *((name, getattr(args, name)) for name in SAMPLING)):
             if value is not None:
                 job[key] = value
         if args.s3:
@@ -88,8 +123,9 @@ def run(args, endpoint: Endpoint) -> int:
         return 0
     if args.command == "upload":
         if bool(args.audio) == bool(args.voice_file):
-            print("upload needs --audio FILE (one or more) or --voice-file FILE", file=sys.stderr)
-            return 2
+            raise UsageError("upload needs --audio FILE (one or more) or --voice-file FILE")
+        if args.rebuild and not args.voice_file:
+            raise UsageError("--rebuild applies only to --voice-file")
         job = {"action": "upload_voice", "voice_id": args.voice_id, "overwrite": args.overwrite}
         if args.voice_file:
             job.update(voice_base64=b64_file(args.voice_file), rebuild=args.rebuild)
@@ -124,8 +160,11 @@ def main(argv=None) -> int:
         endpoint.timeout_s = args.timeout
     try:
         return run(args, endpoint)
+    except UsageError as exc:
+        print(f"{Path(sys.argv[0]).name}: error: {exc}", file=sys.stderr)
+        return 2
     except JobFailed as exc:
-        print(f"job failed: {exc}", file=sys.stderr)
+        print(f"job failed: {cli_message(str(exc))}", file=sys.stderr)
         return 1
     except requests.RequestException as exc:
         print(f"cannot reach the endpoint: {type(exc).__name__}: {exc}", file=sys.stderr)

@@ -63,3 +63,36 @@ def test_unreachable_endpoint_exit_code(tmp_path):
                            "health"], cwd=ROOT, env=worker_env(), capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 3 and "cannot reach" in done.stderr
+
+
+def test_sampling_flags_reach_the_worker_and_the_extension_picks_the_format(worker, tmp_path):
+    def take(name, *flags):
+        out = tmp_path / name
+        done = client(worker, "generate", "Flags reach the worker.", "-o", str(out), "--seed", "5",
+                      *flags)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout), out.read_bytes()
+
+    flags = ["--exaggeration", "0.7", "--cfg-weight", "0.3", "--top-p", "0.9", "--min-p", "0.1",
+             "--repetition-penalty", "1.3", "--language", "en"]
+    result, first = take("a.flac", "--temperature", "0.8", *flags)
+    assert result["format"] == "flac" and first[:4] == b"fLaC"
+    assert take("b.flac", "--temperature", "0.8", *flags)[1] == first
+    assert take("c.flac", "--temperature", "1.7", *flags)[1] != first
+
+
+def test_cli_errors_name_flags_in_plain_sentences(worker, tmp_path):
+    hot = client(worker, "generate", "Hi.", "-o", str(tmp_path / "x.wav"), "--temperature", "9")
+    assert hot.returncode == 1
+    assert "invalid_input: --temperature: must be a number from 0.05 to 5" in hot.stderr
+    assert "Input should" not in hot.stderr and "temperature.float" not in hot.stderr
+    odd = client(worker, "generate", "Hi.", "-o", str(tmp_path / "x.m4a"))
+    assert odd.returncode == 2 and "'x.m4a'" in odd.stderr and "--format" in odd.stderr
+    assert not (tmp_path / "x.m4a").exists() and not (tmp_path / "x.m4a.part").exists()
+    ref = tmp_path / "ref.wav"
+    ref.write_bytes(speech_wav(SENTENCES[1]))
+    assert client(worker, "upload", "cli-twice", "--audio", str(ref), "--overwrite").returncode == 0
+    again = client(worker, "upload", "cli-twice", "--audio", str(ref))
+    assert again.returncode == 1 and "pass --overwrite to replace it" in again.stderr
+    assert "overwrite: true" not in again.stderr
+    assert client(worker, "delete", "cli-twice").returncode == 0
