@@ -97,7 +97,6 @@ def counter_uniform(seeds: torch.Tensor, steps: torch.Tensor, width: int) -> tor
 @dataclass
 class _Slot:
     request: DecodeRequest
-    seed: int
     joined: int = 0  # order of arrival: out of memory, the newest leaves first
     length: int = 0  # cache positions filled (prompt, then one per step)
     steps: int = 0  # tokens sampled so far
@@ -146,7 +145,6 @@ class FastDecoder:
         # Per-row and per-slot inputs of a step (static buffers: graphs read them in place).
         self.row_pos = torch.zeros(rows, dtype=torch.long, device=self.device)
         self.last_token = torch.zeros(slots, dtype=torch.long, device=self.device)
-        self.speech_pos = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.logits = torch.zeros(rows, self.vocab, dtype=torch.float32, device=self.device)
         # Sampling parameters and state per slot.
         self.seen = torch.zeros(slots, self.vocab, dtype=torch.bool, device=self.device)
@@ -217,7 +215,7 @@ class FastDecoder:
         self.v_cache[:, rows_dst, :, :length] = self.v_cache[:, rows_src, :, :length]
         for buf in (self.row_pos, self.logits):
             buf[rows_dst] = buf[rows_src]
-        for buf in (self.last_token, self.speech_pos, self.seen, self.seeds, self.steps, self.params):
+        for buf in (self.last_token, self.seen, self.seeds, self.steps, self.params):
             buf[dst] = buf[src]
 
     # -- one step -----------------------------------------------------------
@@ -273,10 +271,6 @@ class FastDecoder:
             events.append(StepEvent(slot.request, token, done))
             if done:
                 leaving.append(slot.request)
-        n = len(self._slots)
-        # Input of the next step, on the device: the sampled token (set by
-        # ``_sample``) at its learned position.
-        self.speech_pos[:n] = self.steps[:n]
         for request in leaving:
             self.remove(request)
         return events
@@ -306,15 +300,14 @@ class FastDecoder:
             self.v_cache[layer, rows, :, :length] = values
         self.logits[rows] = t3.speech_head(out.last_hidden_state[:, -1, :]).float()
         self.row_pos[rows] = length
-        seed = int(torch.randint(0, 2**62, (1,), generator=request.generator,
-                                 device=request.generator.device))
-        self.seeds[index] = seed
+        self.seeds[index] = int(torch.randint(0, 2**62, (1,), generator=request.generator,
+                                              device=request.generator.device))
         self.steps[index] = 0
         self.seen[index] = False
         self.seen[index, t3.hp.start_speech_token] = True  # upstream's history starts with it
         self.params[index] = slot_params(params)
         self._joined += 1
-        slot = _Slot(request=request, seed=seed, joined=self._joined, length=length)
+        slot = _Slot(request=request, joined=self._joined, length=length)
         self._slots.append(slot)
         self._by_request[request] = slot
 
@@ -384,7 +377,9 @@ class FastDecoder:
         rows = 2 * bucket
         heads = self._cache_shape[2]
         tokens = self.last_token[:bucket]
-        embed = t3.speech_emb(tokens) + t3.speech_pos_emb.emb(self.speech_pos[:bucket])
+        # The last sampled token's learned position is the count of tokens sampled
+        # so far (position 0 is the start of speech): ``steps``, as ``_sample`` left it.
+        embed = t3.speech_emb(tokens) + t3.speech_pos_emb.emb(self.steps[:bucket])
         hidden = embed.repeat_interleave(2, dim=0)[:, None, :]  # (rows, 1, dim)
         pos = self.row_pos[:rows]
         cos = self.cos[pos][:, None, None, :]  # (rows, 1, 1, head_dim): every head, one position
