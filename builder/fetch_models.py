@@ -17,8 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from chatterbox_worker.engine.weights import (HUB_REPO, OPTIONAL_FILES,  # noqa: E402
-                                              required_files)
+from chatterbox_worker.engine.variants import variant as variant_spec  # noqa: E402
 
 
 def sha256_of(path: Path) -> str:
@@ -32,14 +31,16 @@ def sha256_of(path: Path) -> str:
 def fetch(variant: str, dest: Path, revision: str | None = None) -> None:
     from huggingface_hub import HfApi, hf_hub_download
 
-    info = HfApi().model_info(HUB_REPO, revision=revision, files_metadata=True)
+    spec = variant_spec(variant)
+    repo = spec.hub_repo
+    info = HfApi().model_info(repo, revision=revision, files_metadata=True)
     listed = {s.rfilename: s for s in info.siblings}
-    wanted = list(required_files(variant)) + [f for f in OPTIONAL_FILES if f in listed]
+    wanted = list(spec.required_files) + [f for f in spec.optional_files if f in listed]
     dest.mkdir(parents=True, exist_ok=True)
     for name in wanted:
         if name not in listed:
-            raise SystemExit(f"{HUB_REPO}@{info.sha} has no {name}")
-        local = Path(hf_hub_download(HUB_REPO, name, revision=info.sha))
+            raise SystemExit(f"{repo}@{info.sha} has no {name}")
+        local = Path(hf_hub_download(repo, name, revision=info.sha))
         target = dest / name
         shutil.copyfile(local, target)
         meta = listed[name]
@@ -49,7 +50,7 @@ def fetch(variant: str, dest: Path, revision: str | None = None) -> None:
         if meta.lfs is not None and sha256_of(target) != meta.lfs.sha256:
             raise SystemExit(f"{name}: SHA-256 differs from the Hub's")
         print(f"fetched {name} ({target.stat().st_size} bytes, verified)")
-    (dest / "REVISION").write_text(f"{HUB_REPO}@{info.sha}\n")
+    (dest / "REVISION").write_text(f"{repo}@{info.sha}\n")
 
 
 def main() -> int:

@@ -147,7 +147,7 @@ FIELD_FLAGS = {
     "voice_id": "--voice", "format": "--format", "sample_rate": "--sample-rate",
     "seed": "--seed", "stream": "--stream", "output": "--s3", "exaggeration": "--exaggeration",
     "cfg_weight": "--cfg-weight", "temperature": "--temperature", "top_p": "--top-p",
-    "min_p": "--min-p", "repetition_penalty": "--repetition-penalty", "language": "--language",
+    "top_k": "--top-k", "min_p": "--min-p", "repetition_penalty": "--repetition-penalty", "language": "--language",
     "overwrite": "--overwrite", "rebuild": "--rebuild", "audio_base64": "--audio",
     "voice_base64": "--voice-file", "export": "--export",
 }

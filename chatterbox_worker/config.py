@@ -94,9 +94,10 @@ class Settings(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "int8"] = "auto"
     # Capture T3's decode step in CUDA graphs (CUDA only; off to debug).
     cuda_graphs: bool = True
-    # The vocoder's flow-matching steps (upstream: 10). Fewer is faster (its cost
-    # is nearly proportional) and changes the audio; tune by listening.
-    flow_steps: int = Field(default=10, ge=1, le=50)
+    # The vocoder's flow-matching steps; None: the served model's upstream value
+    # (10, turbo's mean-flow vocoder 2). Fewer is faster (its cost is nearly
+    # proportional) and changes the audio; tune by listening.
+    flow_steps: Optional[int] = Field(default=None, ge=1, le=50)
     watermark: bool = True
     warmup: bool = True
     voices_dir: Path = Field(default_factory=default_voices_dir)

@@ -57,12 +57,15 @@ class GenerateRequest(_Request):
     stream: StrictBool = False
     output: Literal["auto", "inline", "s3"] = "auto"
     seed: Optional[StrictInt] = Field(default=None, ge=0, le=2**63 - 1)
-    exaggeration: Number = Field(default=0.5, ge=0.25, le=2.0)
-    cfg_weight: Number = Field(default=0.5, ge=0.0, le=1.0)
-    temperature: Number = Field(default=0.8, ge=0.05, le=5.0)
-    top_p: Number = Field(default=1.0, gt=0.0, le=1.0)
-    min_p: Number = Field(default=0.05, ge=0.0, le=1.0)
-    repetition_penalty: Number = Field(default=1.2, ge=1.0, le=2.0)
+    # Sampling: None takes the served model's default (``engine.variants``),
+    # which also refuses values a model ignores or allows in a narrower range.
+    exaggeration: Optional[Number] = Field(default=None, ge=0.0, le=2.0)
+    cfg_weight: Optional[Number] = Field(default=None, ge=0.0, le=1.0)
+    temperature: Optional[Number] = Field(default=None, ge=0.05, le=5.0)
+    top_p: Optional[Number] = Field(default=None, gt=0.0, le=1.0)
+    top_k: Optional[StrictInt] = Field(default=None, ge=0, le=10000)
+    min_p: Optional[Number] = Field(default=None, ge=0.0, le=1.0)
+    repetition_penalty: Optional[Number] = Field(default=None, ge=1.0, le=2.0)
     language: StrictStr = "en"
 
     @field_validator("text")
@@ -202,6 +205,7 @@ _PLAIN_RULES = {
     "rebuild": "must be true or false",
     "export": "must be true or false",
     "language": "must be a language code string such as \"en\"",
+    "top_k": "must be a whole number from 0 to 10000 (0: off)",
     "audio_base64": "must be a base64 string, or a list of them (one per clip)",
     "audio_url": "must be an http(s) URL string, or a list of them (one per clip)",
     "voice_base64": "must be a base64 string (a voice file exported by get_voice)",
@@ -211,7 +215,7 @@ _PLAIN_RULES = {
 def _number_rule(model: type, name: str) -> Optional[str]:
     """"must be a number from 0.05 to 5" from a numeric field's bounds, or ``None``."""
     field = model.model_fields.get(name)
-    if field is None or field.annotation is not Number:
+    if field is None or field.annotation not in (Number, Optional[Number]):
         return None
     bounds = {key: getattr(item, key) for item in field.metadata
               for key in ("ge", "gt", "le", "lt") if getattr(item, key, None) is not None}

@@ -24,6 +24,7 @@ from . import __version__
 from .audio import Resampler, encode_audio, new_encoder
 from .config import Settings
 from .engine import Engine, SamplingParams, StreamSchedule, SynthesisRequest
+from .engine.variants import SAMPLING_FIELDS
 from .errors import InvalidInput, excerpt
 from .schemas import (DeleteVoiceRequest, GenerateRequest, GetVoiceRequest, UploadVoiceRequest)
 from .storage import OutputStorage, S3Storage
@@ -180,22 +181,36 @@ class Service:
 
     def check_generate(self, request: GenerateRequest) -> None:
         """Refuse what this worker cannot serve, before anything is loaded."""
-        if request.language != "en":
-            raise InvalidInput(f"language '{excerpt(request.language, 20)}' needs the multilingual "
-                               f"model; this worker serves the {self.engine.model.variant} model "
-                               f"(en only)")
+        self.sampling(request)
+
+    def sampling(self, request: GenerateRequest) -> dict:
+        """The request's language and sampling fields checked against the served model,
+        its defaults filled in (``InvalidInput`` naming the field and the model)."""
+        spec = self.engine.variant
+        if request.language not in spec.languages:
+            raise InvalidInput(f"language: '{excerpt(request.language, 20)}' is not spoken by the "
+                               f"{spec.title} model this worker serves; use one of: "
+                               f"{', '.join(spec.languages)}"
+                               + ("" if len(spec.languages) > 1 else
+                                  " (other languages need the multilingual model)"))
+        try:
+            return spec.sampling({name: getattr(request, name) for name in SAMPLING_FIELDS})
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from None
 
     def synthesis_request(self, request: GenerateRequest) -> SynthesisRequest:
         """The engine's request: the voice loaded, the seed chosen (reported back to the client)."""
-        self.check_generate(request)
+        values = self.sampling(request)
         voice = self._voice(request.voice_id)
         seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
         return SynthesisRequest(
-            text=request.text, voice=voice, seed=seed, exaggeration=float(request.exaggeration),
-            sampling=SamplingParams(temperature=float(request.temperature),
-                                    cfg_weight=float(request.cfg_weight), top_p=float(request.top_p),
-                                    min_p=float(request.min_p),
-                                    repetition_penalty=float(request.repetition_penalty)))
+            text=request.text, voice=voice, seed=seed, exaggeration=float(values["exaggeration"]),
+            language=request.language,
+            sampling=SamplingParams(temperature=float(values["temperature"]),
+                                    cfg_weight=float(values["cfg_weight"]),
+                                    top_p=float(values["top_p"]), top_k=int(values["top_k"]),
+                                    min_p=float(values["min_p"]),
+                                    repetition_penalty=float(values["repetition_penalty"])))
 
     def _voice(self, voice_id: Optional[str]):
         if voice_id is None:

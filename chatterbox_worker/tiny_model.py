@@ -24,7 +24,7 @@ import torch
 
 from .engine.architecture import (TINY, ModelSizes, build_s3gen, build_t3, build_voice_encoder,
                                   state_dict_to_save)
-from .engine.weights import VARIANT_FILES, WeightSource
+from .engine.weights import WeightSource
 
 SPECIAL_IDS = {"[STOP]": 0, "[UNK]": 1, "[SPACE]": 2, "[PAD]": 3, "[SEP]": 4, "[CLS]": 5,
                "[MASK]": 6, "[START]": 255}
@@ -66,20 +66,25 @@ def synthetic_reference(seconds: float = 8.0, seed: int = 0, sr: int = 24000) ->
 
 def write_checkpoint(directory: Path, *, seed: int = 0, sizes: ModelSizes = TINY,
                      variant: str = "original") -> Path:
-    """Write a random checkpoint to ``directory`` and return it."""
-    from safetensors.torch import save_file
-
-    from chatterbox.models.t3.modules.cond_enc import T3Cond
-    from chatterbox.tts import Conditionals
-
-    from .engine.conditionals import build_conditionals
-    from .engine.model import ChatterboxModel
-
-    if variant not in VARIANT_FILES:
-        raise SystemExit(f"variant {variant!r} is not supported yet; use one of {list(VARIANT_FILES)}")
+    """Write a random checkpoint of ``variant`` to ``directory`` and return it."""
+    writer = WRITERS.get(variant)
+    if writer is None:
+        raise SystemExit(f"variant {variant!r} has no test checkpoint yet; use one of {list(WRITERS)}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
+    writer(directory, seed=seed, sizes=sizes)
+    return directory
+
+
+def write_original(directory: Path, *, seed: int, sizes: ModelSizes) -> None:
+    """The original model's files: ``ChatterboxTTS.from_local``'s layout."""
+    from safetensors.torch import save_file
+
+    from chatterbox.models.tokenizers import EnTokenizer
+
+    from .engine.model import ChatterboxModel
+
     ve, t3, s3gen = build_voice_encoder(sizes), build_t3(sizes), build_s3gen(sizes)
     spread_weights(t3)
     for module in (ve, t3, s3gen):
@@ -89,22 +94,31 @@ def write_checkpoint(directory: Path, *, seed: int = 0, sizes: ModelSizes = TINY
     save_file(state_dict_to_save(s3gen), str(directory / "s3gen.safetensors"))
     write_tokenizer(directory / "tokenizer.json")
     sizes.save(directory)
-
-    # The built-in voice, made exactly as uploaded voices are.
-    from chatterbox.models.tokenizers import EnTokenizer
-
-    model = ChatterboxModel(variant=variant, device="cpu", t3=t3, s3gen=s3gen, voice_encoder=ve,
+    model = ChatterboxModel(variant="original", device="cpu", t3=t3, s3gen=s3gen, voice_encoder=ve,
                             tokenizer=EnTokenizer(str(directory / "tokenizer.json")),
                             builtin_voice=None, signature="", sizes=sizes,
                             source=WeightSource(directory, "model_dir"))
+    save_builtin_voice(model, directory, seed=seed)
+
+
+def save_builtin_voice(model, directory: Path, *, seed: int, exaggeration: float = 0.5) -> None:
+    """``conds.pt``, the built-in voice, made exactly as uploaded voices are."""
+    from chatterbox.models.t3.modules.cond_enc import T3Cond
+    from chatterbox.tts import Conditionals
+
+    from .engine.conditionals import build_conditionals
+
     voice = build_conditionals(model, [synthetic_reference(seed=seed)])
     Conditionals(
         T3Cond(speaker_emb=voice.speaker_emb, cond_prompt_speech_tokens=voice.cond_prompt_speech_tokens,
-               emotion_adv=0.5 * torch.ones(1, 1, 1)),
+               emotion_adv=exaggeration * torch.ones(1, 1, 1)),
         {"prompt_token": voice.prompt_token, "prompt_token_len": voice.prompt_token_len,
          "prompt_feat": voice.prompt_feat, "prompt_feat_len": None, "embedding": voice.embedding},
     ).save(directory / "conds.pt")
-    return directory
+
+
+# Variant name -> writer(directory, seed=, sizes=): the variant's files, random weights.
+WRITERS = {"original": write_original}
 
 
 def spread_weights(module: torch.nn.Module, gain: float = 2.0) -> None:
@@ -127,7 +141,7 @@ def main(argv=None) -> int:
     parser.add_argument("directory", type=Path)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", choices=("tiny", "full"), default="tiny")
-    parser.add_argument("--variant", default="original")
+    parser.add_argument("--variant", default="original", choices=sorted(WRITERS))
     args = parser.parse_args(argv)
     started = time.perf_counter()
     sizes = TINY if args.size == "tiny" else ModelSizes()

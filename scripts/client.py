@@ -2,8 +2,8 @@
 
     export RUNPOD_API_KEY=... ENDPOINT_ID=...
     python scripts/client.py generate "Hello there." -o hello.mp3 [--stream] [--voice ID] [--seed N]
-        [--exaggeration X] [--cfg-weight X] [--temperature X] [--top-p X] [--min-p X]
-        [--repetition-penalty X] [--language en] [--format F] [--sample-rate HZ] [--s3]
+        [--exaggeration X] [--cfg-weight X] [--temperature X] [--top-p X] [--top-k N]
+        [--min-p X] [--repetition-penalty X] [--language en] [--format F] [--sample-rate HZ] [--s3]
     python scripts/client.py upload narrator --audio ref.wav [--audio more.wav] [--overwrite]
     python scripts/client.py voices | voice narrator [--export FILE] | delete narrator | health
     python scripts/client.py --local http://127.0.0.1:8000 generate "Hi." -o hi.wav
@@ -31,9 +31,10 @@ from chatterbox_worker.client import (FORMATS, Endpoint, JobFailed, UsageError, 
 
 
 # The generate job's sampling fields (docs/API.md), each a --flag of its own;
-# the worker checks the ranges and its error names the flag.
+# the worker checks the ranges and its error names the flag. Left out, a field
+# takes the served model's default (the original model's is shown).
 SAMPLING = {
-    "exaggeration": (0.25, 2.0, 0.5, "emotion intensity"),
+    "exaggeration": (0.0, 2.0, 0.5, "emotion intensity (not used by turbo)"),
     "cfg_weight": (0.0, 1.0, 0.5, "guidance weight, 0 turns guidance off"),
     "temperature": (0.05, 5.0, 0.8, "sampling temperature"),
     "top_p": ("above 0", 1.0, 1.0, "nucleus sampling"),
@@ -71,9 +72,11 @@ def parser() -> argparse.ArgumentParser:
     for flag, (low, high, default, meaning) in SAMPLING.items():
         g.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=number, default=None,
                        metavar="X",
-                       help=f"{meaning}; {low} to {high}, default {default}")
-    g.add_argument("--language", default=None, help="language code (default en; the original "
-                   "model speaks English only)")
+                       help=f"{meaning}; {low} to {high}, default {default} (the model's)")
+    g.add_argument("--top-k", dest="top_k", type=int, default=None, metavar="N",
+                   help="top-k sampling, 0 to 10000 (0: off); only the turbo model uses it")
+    g.add_argument("--language", default=None, help="language code (default en; the multilingual "
+                   "model speaks 23 languages, the others English only)")
     g.add_argument("--stream", action="store_true", help="write audio as chunks arrive")
     g.add_argument("--s3", action="store_true", help="have the worker upload the audio to its S3 "
                    "bucket (output: s3); the client downloads it from the presigned URL")
@@ -105,6 +108,7 @@ def run(args, endpoint: Endpoint) -> int:
                "stream": args.stream}
         for key, value in (("voice_id", args.voice), ("sample_rate", args.sample_rate),
                            ("seed", args.seed), ("language", args.language),
+                           ("top_k", args.top_k),
                            *((name, getattr(args, name)) for name in SAMPLING)):
             if value is not None:
                 job[key] = value

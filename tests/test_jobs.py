@@ -76,7 +76,13 @@ def test_generate_with_a_stored_voice(runner, engine, tmp_path):
     ({"text": ""}, "invalid_input: text: must not be empty"),
     ({"text": "hi", "volume": 11}, "invalid_input: volume: unknown field"),
     ({"action": "sing"}, "invalid_input: unknown action 'sing'"),
-    ({"text": "hi", "language": "fr"}, "invalid_input: language 'fr' needs the multilingual model"),
+    ({"text": "hi", "language": "fr"}, "invalid_input: language: 'fr' is not spoken by the original "
+     "(English) model this worker serves; use one of: en (other languages need the multilingual "
+     "model)"),
+    ({"text": "hi", "top_k": 50}, "invalid_input: top_k: the original (English) model does not use "
+     "it; omit it or send 0"),
+    ({"text": "hi", "exaggeration": 0.1}, "invalid_input: exaggeration: must be a number from 0.25 "
+     "to 2 for the original (English) model"),
     ({"text": "hi", "output": "s3"}, "storage_unavailable: output 's3' needs S3 storage"),
 ])
 def test_failures_are_one_error_item(runner, job_input, expected):

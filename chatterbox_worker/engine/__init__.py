@@ -16,6 +16,7 @@ from .quiet import filter_third_party_warnings
 from .decode import SamplingParams
 from .synthesis import Cancelled, Engine, Synthesis, SynthesisRequest
 from .vocoder import StreamSchedule
+from .variants import variant as variant_spec
 from .weights import locate_weights
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,9 @@ def load_engine(settings: Settings) -> Engine:
                             volume_hf_cache=settings.volume_hf_cache)
     model = load_model(source, variant=settings.variant, device=device,
                        t3_dtype=settings.resolved_dtype)
+    flow_steps = settings.flow_steps or variant_spec(settings.variant).flow_steps
     engine = Engine(model, watermark=settings.watermark, max_batch=settings.concurrency,
-                    cuda_graphs=settings.cuda_graphs, flow_steps=settings.flow_steps)
+                    cuda_graphs=settings.cuda_graphs, flow_steps=flow_steps)
     log.info("model %s loaded from %s (%s) on %s, T3 %s, %s decoder, in %.1fs", model.signature,
              source.source, source.directory, device, settings.resolved_dtype, engine.decoder_kind,
              time.perf_counter() - started)

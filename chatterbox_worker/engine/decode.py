@@ -32,17 +32,14 @@ class SamplingParams:
     top_p: float = 1.0
     min_p: float = 0.05
     repetition_penalty: float = 1.2
+    top_k: int = 0  # 0: off. Only turbo's upstream loop uses it.
 
 
-def text_tokens_for(model, text: str) -> torch.Tensor:
-    """(1, L) token ids of normalised ``text`` with T3's start/stop text tokens around them."""
-    from chatterbox.tts import punc_norm
+def text_tokens_for(model, text: str, language: str = "en") -> torch.Tensor:
+    """(1, L) token ids of ``text`` with T3's start/stop text tokens around them.
 
-    hp = model.t3.hp
-    tokens = model.tokenizer.text_to_tokens(punc_norm(text)).long()
-    start = torch.full((1, 1), hp.start_text_token, dtype=torch.long)
-    stop = torch.full((1, 1), hp.stop_text_token, dtype=torch.long)
-    return torch.cat([start, tokens, stop], dim=1).to(model.device)
+    The variant's own normalisation and tokenizer (``ChatterboxModel.text_encoder``)."""
+    return model.text_encoder(text, language).to(model.device)
 
 
 def prefill_inputs(t3, t3_cond, text_tokens: torch.Tensor, params: SamplingParams) -> torch.Tensor:

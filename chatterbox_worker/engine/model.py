@@ -12,7 +12,7 @@ import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -43,6 +43,29 @@ def model_signature(variant: str, directory: Path) -> str:
     return f"chatterbox-{variant}-{digest.hexdigest()[:16]}"
 
 
+class EnglishText:
+    """The original model's text path: upstream's ``punc_norm``, then its English tokenizer.
+
+    Called as ``text_encoder(text, language)``: (1, L) token ids with T3's
+    start and stop text tokens around them, on the CPU."""
+
+    def __init__(self, tokenizer, hp):
+        self.tokenizer = tokenizer
+        self.start, self.stop = hp.start_text_token, hp.stop_text_token
+
+    def __call__(self, text: str, language: str = "en") -> torch.Tensor:
+        from chatterbox.tts import punc_norm
+
+        tokens = self.tokenizer.text_to_tokens(punc_norm(text)).long().reshape(1, -1)
+        return with_text_ends(tokens, self.start, self.stop)
+
+
+def with_text_ends(tokens: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """(1, L + 2): T3's start-of-text token, ``tokens`` (1, L), its stop-of-text token."""
+    return torch.cat([torch.full((1, 1), start, dtype=torch.long), tokens.long().cpu(),
+                      torch.full((1, 1), stop, dtype=torch.long)], dim=1)
+
+
 @dataclass
 class ChatterboxModel:
     variant: str
@@ -55,6 +78,13 @@ class ChatterboxModel:
     signature: str
     source: WeightSource
     sizes: ModelSizes = field(default_factory=ModelSizes)
+    # (text, language) -> (1, L) text token ids with start/stop; the variant's
+    # own normalisation and tokenizer. None: the original model's (``EnglishText``).
+    text_encoder: Optional[Callable[[str, str], torch.Tensor]] = None
+
+    def __post_init__(self):
+        if self.text_encoder is None:
+            self.text_encoder = EnglishText(self.tokenizer, self.t3.hp)
 
     def describe(self) -> dict:
         return {"variant": self.variant, "signature": self.signature, "t3_format": t3_format(self.t3),
@@ -116,22 +146,48 @@ def t3_format(t3: torch.nn.Module) -> str:
     return "bfloat16" if t3.speech_emb.weight.dtype == torch.bfloat16 else "float32"
 
 
-def load_model(source: WeightSource, *, variant: str, device: str,
-               t3_dtype: str = "float32") -> ChatterboxModel:
-    """Build the upstream modules and load ``source`` into them (``ConfigError`` on any mismatch).
-
-    ``t3_dtype`` is T3's weight format (``set_t3_format``); S3Gen and the voice encoder stay float32.
-    """
-    if t3_dtype == "int8" and device != "cpu":
-        raise ConfigError("the int8 T3 format runs on CPU only; use bfloat16 on CUDA")
-    from chatterbox.models.tokenizers import EnTokenizer
-    from chatterbox.tts import Conditionals
-
-    directory = source.directory
+def load_sizes(directory: Path) -> ModelSizes:
     try:
-        sizes = ModelSizes.load(directory)
+        return ModelSizes.load(directory)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"{directory}: {exc}") from None
+
+
+def load_builtin_voice(directory: Path, device: str):
+    """The checkpoint's ``conds.pt`` as upstream ``Conditionals``, or None when it has none."""
+    from chatterbox.tts import Conditionals
+
+    conds_path = directory / "conds.pt"
+    if not conds_path.exists():
+        return None
+    try:
+        return Conditionals.load(conds_path, map_location="cpu").to(device)
+    except Exception as exc:
+        raise ConfigError(f"cannot read conds.pt (built-in voice): {reason(exc, 200)}") from None
+
+
+def load_model(source: WeightSource, *, variant: str, device: str,
+               t3_dtype: str = "float32") -> ChatterboxModel:
+    """Build the upstream modules of ``variant`` and load ``source`` into them.
+
+    ``ConfigError`` on any mismatch. ``t3_dtype`` is T3's weight format
+    (``set_t3_format``); S3Gen and the voice encoder stay float32.
+    """
+    from .variants import variant as variant_spec
+
+    variant_spec(variant)  # ConfigError for a variant this worker does not serve
+    if t3_dtype == "int8" and device != "cpu":
+        raise ConfigError("the int8 T3 format runs on CPU only; use bfloat16 on CUDA")
+    return LOADERS[variant](source, device=device, t3_dtype=t3_dtype)
+
+
+def load_original(source: WeightSource, *, device: str, t3_dtype: str) -> ChatterboxModel:
+    """The original English model (``ChatterboxTTS.from_local``'s files and modules)."""
+    from chatterbox.models.tokenizers import EnTokenizer
+
+    variant = "original"
+    directory = source.directory
+    sizes = load_sizes(directory)
 
     ve = build_voice_encoder(sizes)
     _load_state(ve, _load_safetensors(directory / "ve.safetensors"), "ve.safetensors")
@@ -158,18 +214,15 @@ def load_model(source: WeightSource, *, variant: str, device: str,
         module.to(device).eval()
     set_t3_format(t3, t3_dtype)
 
-    builtin = None
-    conds_path = directory / "conds.pt"
-    if conds_path.exists():
-        try:
-            builtin = Conditionals.load(conds_path, map_location="cpu").to(device)
-        except Exception as exc:
-            raise ConfigError(f"cannot read conds.pt (built-in voice): {reason(exc, 200)}") from None
-
     return ChatterboxModel(
         variant=variant, device=device, t3=t3, s3gen=s3gen, voice_encoder=ve,
-        tokenizer=tokenizer, builtin_voice=builtin,
+        tokenizer=tokenizer, builtin_voice=load_builtin_voice(directory, device),
         signature=model_signature(variant, directory), source=source, sizes=sizes)
 
 
-__all__ = ["ChatterboxModel", "load_model", "model_signature", "set_t3_format", "t3_format"]
+# Variant name -> loader(source, device=, t3_dtype=) -> ChatterboxModel.
+LOADERS: Dict[str, Callable[..., ChatterboxModel]] = {"original": load_original}
+
+
+__all__ = ["ChatterboxModel", "EnglishText", "LOADERS", "load_builtin_voice", "load_model",
+           "load_sizes", "model_signature", "set_t3_format", "t3_format", "with_text_ends"]

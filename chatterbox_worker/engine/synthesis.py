@@ -23,6 +23,7 @@ from .model import ChatterboxModel, t3_format
 from .priority_lock import FIRST_AUDIO, STREAM, WHOLE, PriorityLock
 from .scheduler import Scheduler
 from .text import split_text, token_budget
+from .variants import VARIANTS, Variant
 from .vocoder import (FLOW_STEPS, StreamingVocoder, StreamSchedule, Watermarker, speakable,
                       vocode_whole)
 
@@ -40,6 +41,7 @@ class SynthesisRequest:
     seed: int
     exaggeration: float = 0.5
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    language: str = "en"  # one of the served variant's languages (checked by the service)
 
 
 @dataclass
@@ -148,6 +150,11 @@ class Engine:
         self._builtin = from_upstream(model.builtin_voice) if model.builtin_voice is not None else None
 
     @property
+    def variant(self) -> Variant:
+        """What the served model is: languages, sampling defaults, ignored fields."""
+        return VARIANTS[self.model.variant]
+
+    @property
     def builtin_voice(self) -> Optional[VoiceConditionals]:
         return self._builtin
 
@@ -164,7 +171,7 @@ class Engine:
         gives alone (``batch_decode``).
         """
         t3_cond, _ = request.voice.for_request(request.exaggeration)
-        text_tokens = text_tokens_for(self.model, piece)
+        text_tokens = text_tokens_for(self.model, piece, request.language)
         budget = max_tokens or token_budget(piece)
         if not self._batched:
             return self._decode_alone(t3_cond, text_tokens, request.sampling, budget, generator)
@@ -229,7 +236,7 @@ class Engine:
                    max_tokens: Optional[int] = None) -> Synthesis:
         """The whole take at once (``stream: false``): each piece vocoded whole, as upstream does."""
         started = time.perf_counter()
-        pieces = split_text(request.text)
+        pieces = split_text(request.text, language=request.language)
         audio: List[np.ndarray] = []
         n_tokens = n_audio_tokens = 0
         generator = self.new_generator(request.seed)
@@ -258,7 +265,7 @@ class Engine:
         Same tokens, pauses and fades as ``synthesize`` with the same seed.
         Closing the iterator (a cancelled job) stops decoding at once.
         """
-        pieces = split_text(request.text)
+        pieces = split_text(request.text, language=request.language)
         pause = np.zeros(int(PIECE_PAUSE_S * self.sample_rate), dtype=np.float32)
         fade = int(PIECE_FADE_S * self.sample_rate) if len(pieces) > 1 else 0
         generator = self.new_generator(request.seed)

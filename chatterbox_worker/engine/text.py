@@ -50,8 +50,10 @@ def _split_long(sentence: str, limit: int) -> List[str]:
     return parts
 
 
-def split_text(text: str, limit: int = MAX_PIECE_CHARS) -> List[str]:
-    """Pieces of ``text`` in order, each at most ``limit`` characters, cut at the best boundary."""
+def split_text(text: str, limit: int = MAX_PIECE_CHARS, language: str = "en") -> List[str]:
+    """Pieces of ``text`` in order, each at most ``limit`` characters, cut at the best boundary.
+
+    ``language``: the text's language code (the request's ``language``)."""
     text = " ".join(text.split())
     if not text:
         return []

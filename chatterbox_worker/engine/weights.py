@@ -3,8 +3,8 @@
 1. ``CHATTERBOX_MODEL_DIR``: a local checkpoint directory (upstream layout);
 2. weights baked into the image (``CHATTERBOX_BAKED_DIR``);
 3. the network volume's Hugging Face cache (RunPod's cached models);
-4. the Hugging Face Hub (``ResembleAI/chatterbox``), the only step that uses
-   the network.
+4. the Hugging Face Hub (the variant's repository, ``variants.Variant.hub_repo``),
+   the only step that uses the network.
 
 A source is taken only when every file the variant needs is there, so a half
 copied directory is skipped with a reason instead of failing mid-load.
@@ -19,14 +19,10 @@ from typing import Callable, List, Optional, Sequence
 
 from ..errors import ConfigError, reason
 
-HUB_REPO = "ResembleAI/chatterbox"
+from .variants import variant as variant_spec
 
-# Files each variant loads (upstream layout). conds.pt, the built-in voice, is
-# optional upstream; we fetch it when we can but do not require it.
-VARIANT_FILES = {
-    "original": ("ve.safetensors", "t3_cfg.safetensors", "s3gen.safetensors", "tokenizer.json"),
-}
-OPTIONAL_FILES = ("conds.pt",)
+# The original model's repository (each variant names its own: ``Variant.hub_repo``).
+HUB_REPO = "ResembleAI/chatterbox"
 
 
 @dataclass(frozen=True)
@@ -36,20 +32,20 @@ class WeightSource:
 
 
 def required_files(variant: str) -> Sequence[str]:
-    try:
-        return VARIANT_FILES[variant]
-    except KeyError:
-        raise ConfigError(f"CHATTERBOX_VARIANT={variant!r} is not served by this worker yet; "
-                          f"use one of: {', '.join(VARIANT_FILES)}") from None
+    """The files ``variant`` loads (upstream layout); ``ConfigError`` for a variant not served.
+
+    conds.pt, the built-in voice, is optional upstream: fetched when it can be,
+    never required."""
+    return variant_spec(variant).required_files
 
 
 def _missing(directory: Path, names: Sequence[str]) -> List[str]:
     return [n for n in names if not (directory / n).is_file() or (directory / n).stat().st_size == 0]
 
 
-def _hub_cache_snapshot(cache_dir: Path, names: Sequence[str]) -> Optional[Path]:
-    """The newest snapshot of the Hub repo in a Hugging Face cache that holds every file."""
-    repo_dir = cache_dir / ("models--" + HUB_REPO.replace("/", "--"))
+def _hub_cache_snapshot(cache_dir: Path, repo: str, names: Sequence[str]) -> Optional[Path]:
+    """The newest snapshot of ``repo`` in a Hugging Face cache that holds every file."""
+    repo_dir = cache_dir / ("models--" + repo.replace("/", "--"))
     snapshots = repo_dir / "snapshots"
     if not snapshots.is_dir():
         return None
@@ -72,8 +68,9 @@ def download_from_hub(variant: str, cache_dir: Optional[Path] = None) -> Path:
     written) the download lands where the next cold worker looks first."""
     from huggingface_hub import snapshot_download
 
-    patterns = list(required_files(variant)) + list(OPTIONAL_FILES)
-    return Path(snapshot_download(repo_id=HUB_REPO, allow_patterns=patterns,
+    spec = variant_spec(variant)
+    patterns = list(spec.required_files) + list(spec.optional_files)
+    return Path(snapshot_download(repo_id=spec.hub_repo, allow_patterns=patterns,
                                   cache_dir=str(cache_dir) if cache_dir else None))
 
 
@@ -90,6 +87,7 @@ def locate_weights(variant: str, *, model_dir: Optional[Path], baked_dir: Path,
                    hub: Optional[Callable[[str], Path]] = None) -> WeightSource:
     """Find the first usable weight source, or raise ``ConfigError`` naming all that were tried."""
     names = required_files(variant)
+    repo = variant_spec(variant).hub_repo
     tried = []
     if model_dir is not None:
         missing = _missing(Path(model_dir), names)
@@ -101,10 +99,10 @@ def locate_weights(variant: str, *, model_dir: Optional[Path], baked_dir: Path,
     if not _missing(baked_dir, names):
         return WeightSource(baked_dir, "baked")
     tried.append(f"image ({baked_dir}): not there")
-    snapshot = _hub_cache_snapshot(volume_hf_cache, names)
+    snapshot = _hub_cache_snapshot(volume_hf_cache, repo, names)
     if snapshot is not None:
         return WeightSource(snapshot, "volume_cache")
-    tried.append(f"volume cache ({volume_hf_cache}): no complete {HUB_REPO} snapshot")
+    tried.append(f"volume cache ({volume_hf_cache}): no complete {repo} snapshot")
     if hub is None:
         # Download into the volume's cache when a volume is attached (its root,
         # two levels up, exists) and writable: later cold workers find it there.
@@ -113,10 +111,10 @@ def locate_weights(variant: str, *, model_dir: Optional[Path], baked_dir: Path,
     try:
         directory = hub(variant)
     except Exception as exc:  # any Hub failure: offline, auth, rate limit
-        tried.append(f"Hugging Face Hub ({HUB_REPO}): {reason(exc, 200)}")
+        tried.append(f"Hugging Face Hub ({repo}): {reason(exc, 200)}")
         raise ConfigError("no model weights found; tried " + "; ".join(tried)) from None
     missing = _missing(directory, names)
     if missing:
-        tried.append(f"Hugging Face Hub ({HUB_REPO}): download lacks {', '.join(missing)}")
+        tried.append(f"Hugging Face Hub ({repo}): download lacks {', '.join(missing)}")
         raise ConfigError("no model weights found; tried " + "; ".join(tried))
     return WeightSource(directory, "hub")

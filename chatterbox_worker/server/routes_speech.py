@@ -41,8 +41,8 @@ OPENAI_FORMATS = {"mp3": "mp3", "opus": "opus", "aac": "aac", "flac": "flac", "w
 OPENAI_CONTENT_TYPES = {"mp3": "audio/mpeg", "opus": "audio/ogg", "aac": "audio/aac",
                         "flac": "audio/flac", "wav": "audio/wav", "pcm": "audio/pcm"}
 # Chatterbox's own generate fields the OpenAI route also takes (extra_body in OpenAI's clients).
-SPEECH_EXTRAS = ("seed", "exaggeration", "cfg_weight", "temperature", "top_p", "min_p",
-                 "repetition_penalty")
+SPEECH_EXTRAS = ("seed", "exaggeration", "cfg_weight", "temperature", "top_p", "top_k", "min_p",
+                 "repetition_penalty", "language")
 
 
 async def json_body(request: Request) -> dict:

@@ -3,10 +3,11 @@ from pathlib import Path
 
 import pytest
 
-from chatterbox_worker.engine.weights import VARIANT_FILES, locate_weights
+from chatterbox_worker.engine.variants import VARIANTS
+from chatterbox_worker.engine.weights import locate_weights
 from chatterbox_worker.errors import ConfigError
 
-FILES = VARIANT_FILES["original"]
+FILES = VARIANTS["original"].required_files
 
 
 def fake_checkpoint(directory: Path, files=FILES) -> Path:
