@@ -39,6 +39,7 @@ ENVIRONMENT = {
     "dtype": "CHATTERBOX_DTYPE",
     "cuda_graphs": "CHATTERBOX_CUDA_GRAPHS",
     "flow_steps": "CHATTERBOX_FLOW_STEPS",
+    "vocoder_batch": "CHATTERBOX_VOCODER_BATCH",
     "watermark": "CHATTERBOX_WATERMARK",
     "warmup": "CHATTERBOX_WARMUP",
     "voices_dir": "VOICES_DIR",
@@ -98,6 +99,10 @@ class Settings(BaseModel):
     # (10, turbo's mean-flow vocoder 2). Fewer is faster (its cost is nearly
     # proportional) and changes the audio; tune by listening.
     flow_steps: Optional[int] = Field(default=None, ge=1, le=50)
+    # Run equal-shaped chunks of concurrent streams as one vocoder flow call.
+    # auto: with the fast decoder (GPU, or a non-float32 T3), where the vocoder
+    # is launch-bound; off keeps a job's audio bit for bit its audio alone.
+    vocoder_batch: Literal["auto", "on", "off"] = "auto"
     watermark: bool = True
     warmup: bool = True
     voices_dir: Path = Field(default_factory=default_voices_dir)

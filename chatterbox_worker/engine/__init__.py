@@ -42,9 +42,11 @@ def load_engine(settings: Settings) -> Engine:
                        t3_dtype=settings.resolved_dtype)
     flow_steps = settings.flow_steps or variant_spec(settings.variant).flow_steps
     engine = Engine(model, watermark=settings.watermark, max_batch=settings.concurrency,
-                    cuda_graphs=settings.cuda_graphs, flow_steps=flow_steps)
-    log.info("model %s loaded from %s (%s) on %s, T3 %s, %s decoder, in %.1fs", model.signature,
-             source.source, source.directory, device, settings.resolved_dtype, engine.decoder_kind,
+                    cuda_graphs=settings.cuda_graphs, flow_steps=flow_steps,
+                    batch_vocoder={"auto": None, "on": True, "off": False}[settings.vocoder_batch])
+    log.info("model %s loaded from %s (%s) on %s, T3 %s, %s decoder, vocoder batching %s, "
+             "in %.1fs", model.signature, source.source, source.directory, device,
+             settings.resolved_dtype, engine.decoder_kind, "on" if engine.batch_vocoder else "off",
              time.perf_counter() - started)
     if settings.warmup:
         took = engine.warm_up()

@@ -14,7 +14,7 @@ import contextlib
 import heapq
 import itertools
 import threading
-from typing import Iterator, List, Tuple
+from typing import Callable, Iterator, List, Tuple
 
 FIRST_AUDIO = 0  # a streamed piece's first chunk: a listener is waiting for sound
 STREAM = 1  # later chunks of a stream, already playing
@@ -38,25 +38,43 @@ class PriorityLock:
 
     @contextlib.contextmanager
     def hold(self, priority: int = STREAM) -> Iterator[None]:
+        with self.hold_unless(priority, lambda: False):
+            yield
+
+    @contextlib.contextmanager
+    def hold_unless(self, priority: int, done: Callable[[], bool]) -> Iterator[bool]:
+        """Hold the lock (yields True), or give up waiting once ``done()`` (yields False).
+
+        ``done`` is checked whenever the lock changes hands: a caller whose
+        work another holder did for it (``flow_batch``) leaves the queue
+        instead of waiting its turn for nothing."""
         with self._cond:
             entry = (priority, next(self._tickets))
             heapq.heappush(self._waiting, entry)
             try:
-                while self._held or self._waiting[0] != entry:
+                while not done() and (self._held or self._waiting[0] != entry):
                     self._cond.wait()
             except BaseException:  # interrupted while waiting: leave the queue
-                self._waiting.remove(entry)
-                heapq.heapify(self._waiting)
-                self._cond.notify_all()
+                self._leave(entry)
                 raise
-            heapq.heappop(self._waiting)
-            self._held = True
+            if done():
+                self._leave(entry)
+                acquired = False
+            else:
+                heapq.heappop(self._waiting)
+                self._held = acquired = True
         try:
-            yield
+            yield acquired
         finally:
-            with self._cond:
-                self._held = False
-                self._cond.notify_all()
+            if acquired:
+                with self._cond:
+                    self._held = False
+                    self._cond.notify_all()
+
+    def _leave(self, entry: Tuple[int, int]) -> None:
+        self._waiting.remove(entry)
+        heapq.heapify(self._waiting)
+        self._cond.notify_all()
 
 
 __all__ = ["FIRST_AUDIO", "PriorityLock", "STREAM", "WHOLE"]

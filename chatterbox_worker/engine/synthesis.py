@@ -24,8 +24,9 @@ from .priority_lock import FIRST_AUDIO, STREAM, WHOLE, PriorityLock
 from .scheduler import Scheduler
 from .text import split_text, token_budget
 from .variants import VARIANTS, Variant
-from .vocoder import (FLOW_STEPS, StreamingVocoder, StreamSchedule, Watermarker, speakable,
-                      vocode_whole)
+from .flow_batch import FlowBatcher
+from .vocoder import (FLOW_STEPS, StreamingVocoder, StreamSchedule, Watermarker, flow_mels_batch,
+                      speakable, vocode_whole)
 
 # Between pieces of long text: fades so no piece starts or ends on a click,
 # and a short pause where a sentence break would be anyway.
@@ -123,9 +124,13 @@ class Engine:
     sample_rate = S3GEN_SR
 
     def __init__(self, model: ChatterboxModel, *, watermark: bool = True, max_batch: int = 1,
-                 cuda_graphs: bool = True, flow_steps: int = FLOW_STEPS):
+                 cuda_graphs: bool = True, flow_steps: int = FLOW_STEPS,
+                 batch_vocoder: Optional[bool] = None):
         """``max_batch``: most requests decoding at once (the worker's concurrency);
-        ``flow_steps``: the vocoder's flow-matching steps (upstream: 10)."""
+        ``flow_steps``: the vocoder's flow-matching steps (upstream: 10);
+        ``batch_vocoder``: run equal-shaped chunks of concurrent streams as one
+        vocoder flow call (``flow_batch``); None: on with the fast decoder only,
+        so the exact path keeps each job's audio bit for bit its audio alone."""
         self.model = model
         self.flow_steps = flow_steps
         self.max_batch = max_batch
@@ -148,6 +153,11 @@ class Engine:
         self._batched = not getattr(model.t3, "is_gpt", False)
         self._decode_lock = threading.Lock()
         self._builtin = from_upstream(model.builtin_voice) if model.builtin_voice is not None else None
+        if batch_vocoder is None:
+            batch_vocoder = self.decoder_kind == "fast"
+        self.batch_vocoder = bool(batch_vocoder) and max_batch > 1
+        self._flows = FlowBatcher(self._lock, self._flow_batch,
+                                  max_batch=max_batch if self.batch_vocoder else 1)
 
     @property
     def variant(self) -> Variant:
@@ -283,8 +293,7 @@ class Engine:
                     if not vocoder.add([token]):
                         continue
                     urgency = FIRST_AUDIO if first else STREAM
-                    with self._lock.hold(urgency):
-                        audio = vocoder.take()
+                    audio = self._stream_chunk(vocoder, urgency)
                     if audio.size:
                         yield self._mark(edges.shape(audio, last=False), urgency)
                         first = False
@@ -295,6 +304,18 @@ class Engine:
                 audio = vocoder.finish()
             yield self._mark(edges.shape(audio, last=True), urgency)
             first = False
+
+    def _stream_chunk(self, vocoder: StreamingVocoder, urgency: int) -> np.ndarray:
+        """A streamed chunk's audio; its flow call batched with other streams' when enabled."""
+        if not self.batch_vocoder:
+            with self._lock.hold(urgency):
+                return vocoder.take()
+        mels = self._flows.mels(vocoder.due(), urgency)
+        with self._lock.hold(urgency):
+            return vocoder.complete(mels)
+
+    def _flow_batch(self, works) -> list:
+        return flow_mels_batch(self.model, works, self.flow_steps)
 
     def _mark(self, audio: np.ndarray, urgency: int = STREAM) -> np.ndarray:
         with self._lock.hold(urgency):

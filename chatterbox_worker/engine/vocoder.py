@@ -98,6 +98,20 @@ class Prompt:
                       feat=self.feat[:, -n_tokens * MELS_PER_TOKEN:], embedding=self.embedding)
 
 
+@dataclass(frozen=True)
+class FlowWork:
+    """One vocoder call's flow-matching input: speech tokens, the voice prompt, the noise."""
+
+    tokens: torch.Tensor  # (1, N) long, on the model's device
+    prompt: Prompt
+    noise: torch.Tensor  # (1, 80, prompt frames + 2N)
+
+    @property
+    def shape(self) -> tuple:
+        """Calls of equal shape can run as one batch (``flow_mels_batch``)."""
+        return (self.tokens.shape[1], self.prompt.tokens.shape[1], self.noise.shape[2])
+
+
 @torch.inference_mode()
 def flow_mels(model, tokens: torch.Tensor, prompt: Prompt, noise: torch.Tensor,
               steps: int = FLOW_STEPS) -> torch.Tensor:
@@ -106,28 +120,43 @@ def flow_mels(model, tokens: torch.Tensor, prompt: Prompt, noise: torch.Tensor,
     ``steps`` Euler steps of the flow decoder: each runs its estimator twice
     (with and without guidance), so the vocoder's cost is nearly proportional.
     """
+    return flow_mels_batch(model, [FlowWork(tokens, prompt, noise)], steps)[0]
+
+
+@torch.inference_mode()
+def flow_mels_batch(model, works, steps: int = FLOW_STEPS) -> List[torch.Tensor]:
+    """``flow_mels`` of several calls of one ``FlowWork.shape`` in one batch.
+
+    Upstream's encoder and Euler solver take a batch; with equal lengths no
+    row is padded, so each row is its call alone up to float rounding (the
+    matrix products sum in another order for another row count). A batch of
+    one is exactly ``flow_mels``.
+    """
     from chatterbox.models.s3gen.utils.mask import make_pad_mask
 
     flow = model.s3gen.flow
-    device, dtype = tokens.device, model.s3gen.dtype
-    embedding = F.normalize(torch.atleast_2d(prompt.embedding.to(device, dtype)), dim=1)
-    embedding = flow.spk_embed_affine_layer(embedding)
-    all_tokens = torch.cat([prompt.tokens.to(device), tokens], dim=1)
-    lengths = torch.tensor([all_tokens.shape[1]], device=device)
+    batch = len(works)
+    device, dtype = works[0].tokens.device, model.s3gen.dtype
+    embedding = torch.cat([torch.atleast_2d(w.prompt.embedding.to(device, dtype)) for w in works])
+    embedding = flow.spk_embed_affine_layer(F.normalize(embedding, dim=1))
+    all_tokens = torch.cat([torch.cat([w.prompt.tokens.to(device), w.tokens], dim=1)
+                            for w in works])
+    lengths = torch.full((batch,), all_tokens.shape[1], device=device)
     mask = (~make_pad_mask(lengths)).unsqueeze(-1).to(embedding)
     h, h_masks = flow.encoder(flow.input_embedding(all_tokens.long()) * mask, lengths)
     h_lengths = h_masks.sum(dim=-1).squeeze(dim=-1)
-    prompt_frames = prompt.feat.shape[1]
+    prompt_frames = works[0].prompt.feat.shape[1]
     h = flow.encoder_proj(h)
-    conds = torch.zeros([1, h.shape[1], flow.output_size], device=device, dtype=h.dtype)
-    conds[:, :prompt_frames] = prompt.feat.to(device, h.dtype)
+    conds = torch.zeros([batch, h.shape[1], flow.output_size], device=device, dtype=h.dtype)
+    for row, work in enumerate(works):
+        conds[row, :prompt_frames] = work.prompt.feat[0].to(device, h.dtype)
     mask = (~make_pad_mask(h_lengths)).unsqueeze(1).to(h)
     t_span = torch.linspace(0, 1, steps + 1, device=device, dtype=h.dtype)
     t_span = 1 - torch.cos(t_span * 0.5 * torch.pi)  # upstream's cosine schedule
-    feat = flow.decoder.solve_euler(noise.to(device, h.dtype), t_span=t_span,
-                                    mu=h.transpose(1, 2).contiguous(), mask=mask, spks=embedding,
-                                    cond=conds.transpose(1, 2))
-    return feat[:, :, prompt_frames:]
+    noise = torch.cat([w.noise.to(device, h.dtype) for w in works])
+    feat = flow.decoder.solve_euler(noise, t_span=t_span, mu=h.transpose(1, 2).contiguous(),
+                                    mask=mask, spks=embedding, cond=conds.transpose(1, 2))
+    return [feat[row:row + 1, :, prompt_frames:] for row in range(batch)]
 
 
 @torch.inference_mode()
@@ -195,6 +224,7 @@ class StreamingVocoder:
         self.tail = np.zeros(0, dtype=np.float32)
         self._source: Optional[torch.Tensor] = None
         self._source_start = 0  # absolute sample where _source begins
+        self._pending: Optional[tuple] = None  # (start, end, final) of the call ``_work`` made
 
     def push(self, new_tokens) -> Optional[np.ndarray]:
         """Add tokens; returns audio when the next chunk of the schedule is due, else None."""
@@ -207,7 +237,16 @@ class StreamingVocoder:
 
     def take(self) -> np.ndarray:
         """Vocode the chunk that ``add`` said is due."""
-        return self._vocode(self._ready(), final=False)
+        work = self.due()
+        return self.complete(flow_mels(self.model, work.tokens, work.prompt, work.noise, self.steps))
+
+    def due(self) -> FlowWork:
+        """The flow input of the chunk that ``add`` said is due (for ``complete``)."""
+        return self._work(self._ready(), final=False)
+
+    def complete(self, mels: torch.Tensor) -> np.ndarray:
+        """The due chunk's audio from its mel frames (``flow_mels`` of ``due()``): HiFT, seams."""
+        return self._audio(mels)
 
     def _ready(self) -> int:
         return len(self.tokens) - LOOKAHEAD_TOKENS
@@ -215,19 +254,27 @@ class StreamingVocoder:
     def finish(self) -> np.ndarray:
         """The rest of the piece, tail included."""
         if len(self.tokens) > self.emitted:
-            return self._vocode(len(self.tokens), final=True)
+            work = self._work(len(self.tokens), final=True)
+            return self._audio(flow_mels(self.model, work.tokens, work.prompt, work.noise,
+                                         self.steps))
         out, self.tail = self.tail, np.zeros(0, dtype=np.float32)
         return out
 
-    def _vocode(self, end: int, final: bool) -> np.ndarray:
-        model, sched = self.model, self.schedule
+    def _work(self, end: int, final: bool) -> FlowWork:
+        """The call that vocodes up to token ``end``: left context, every token known so far."""
+        sched = self.schedule
         start = max(0, self.emitted - sched.left_context_tokens)
         available = len(self.tokens)
-        tokens = torch.tensor(self.tokens[start:available], device=model.device).unsqueeze(0)
+        tokens = torch.tensor(self.tokens[start:available], device=self.model.device).unsqueeze(0)
         noise = self.noise.for_span(self.prompt.feat.shape[1], start * MELS_PER_TOKEN,
                                     available * MELS_PER_TOKEN)
+        self._pending = (start, end, final)
+        return FlowWork(tokens, self.prompt, noise)
+
+    def _audio(self, mels: torch.Tensor) -> np.ndarray:
+        model, sched = self.model, self.schedule
+        start, end, final = self._pending
         with seeded(self.seed * 1000003 + self.chunks, model.device):
-            mels = flow_mels(model, tokens, self.prompt, noise, self.steps)
             cache = self._cached_source(start)
             audio, source = hift(model, mels, cache)
         self._source, self._source_start = source, start * SAMPLES_PER_TOKEN

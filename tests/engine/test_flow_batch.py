@@ -1,0 +1,208 @@
+"""Batching the vocoder's flow calls of concurrent streams (``flow_batch``, ``flow_mels_batch``).
+
+A batch row must be its call alone up to float rounding; a batch of one must
+be exactly ``flow_mels``; shapes never mix; a failure reaches every stream of
+its batch; a stream whose call was done for it never waits for the lock.
+"""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from chatterbox_worker.engine import SynthesisRequest
+from chatterbox_worker.engine.batch_decode import BatchDecoder
+from chatterbox_worker.engine.conditionals import VoiceConditionals
+from chatterbox_worker.engine.flow_batch import FlowBatcher
+from chatterbox_worker.engine.priority_lock import FIRST_AUDIO, STREAM, PriorityLock
+from chatterbox_worker.engine.synthesis import Engine
+from chatterbox_worker.engine.vocoder import (FlowWork, NoiseBank, Prompt, StreamSchedule,
+                                              flow_mels, flow_mels_batch)
+from chatterbox_worker.tiny_model import synthetic_reference
+
+SCHEDULE = StreamSchedule(chunk_tokens=(4, 8))
+BUDGET = 30
+
+
+@pytest.fixture(scope="module")
+def voices(engine):
+    return [engine.builtin_voice,
+            engine.voice_from_clips([synthetic_reference(seconds=7, seed=5)]),
+            engine.voice_from_clips([synthetic_reference(seconds=9, seed=8)])]
+
+
+def work(model, voice: VoiceConditionals, seed: int, n_tokens: int, prompt_tokens=50) -> FlowWork:
+    _, gen = voice.for_request(0.5)
+    prompt = Prompt.from_gen(gen).last(prompt_tokens)
+    tokens = torch.randint(0, 6561, (1, n_tokens), generator=torch.Generator().manual_seed(seed))
+    bank = NoiseBank(seed, Prompt.from_gen(gen).feat.shape[1])
+    return FlowWork(tokens, prompt, bank.for_span(prompt.feat.shape[1], 0, 2 * n_tokens))
+
+
+def test_a_batch_row_is_its_call_alone_up_to_rounding(model, voices):
+    works = [work(model, v, seed=i, n_tokens=20) for i, v in enumerate(voices)]
+    alone = [flow_mels(model, w.tokens, w.prompt, w.noise) for w in works]
+    together = flow_mels_batch(model, works)
+    for a, b in zip(alone, together):
+        assert a.shape == b.shape == (1, 80, 40)
+        assert torch.allclose(a, b, rtol=0, atol=1e-4), (a - b).abs().max()
+    # The rows are each its own call's, not one another's.
+    assert not torch.allclose(together[0], together[1], atol=1e-2)
+
+
+def test_a_batch_of_one_is_exactly_flow_mels(model, voices):
+    w = work(model, voices[1], seed=3, n_tokens=12)
+    assert torch.equal(flow_mels_batch(model, [w])[0], flow_mels(model, w.tokens, w.prompt, w.noise))
+
+
+def test_work_of_other_shapes_never_shares_a_batch():
+    lock, groups = PriorityLock(), []
+    release = threading.Event()
+
+    def run(works):
+        groups.append([w.tokens.shape[1] for w in works])
+        return [w.tokens.float() for w in works]
+
+    batcher = FlowBatcher(lock, run, max_batch=8)
+    fake = [FlowWork(torch.zeros(1, n), Prompt(torch.zeros(1, 2), torch.zeros(1, 4, 80),
+                                               torch.zeros(1, 192)), torch.zeros(1, 80, 4 + 2 * n))
+            for n in (3, 5, 3, 3, 5)]
+    results = [None] * len(fake)
+
+    def call(i):
+        results[i] = batcher.mels(fake[i], STREAM)
+
+    with lock.hold(FIRST_AUDIO):  # every call queues up behind this holder
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(len(fake))]
+        for t in threads:
+            t.start()
+        while lock.waiting < len(fake):
+            time.sleep(0.001)
+    for t in threads:
+        t.join(10)
+    assert sorted(map(sorted, groups)) == [[3, 3, 3], [5, 5]]
+    assert [r.shape[1] for r in results] == [3, 5, 3, 3, 5]
+    assert batcher.batches == 2 and batcher.rows == 5 and lock.waiting == 0 and not lock.locked()
+
+
+def test_max_batch_caps_a_batch_and_the_most_urgent_go_first():
+    lock, groups = PriorityLock(), []
+    batcher = FlowBatcher(lock, lambda ws: groups.append([int(w.noise[0, 0, 0]) for w in ws])
+                          or [w.noise for w in ws], max_batch=2)
+    prompt = Prompt(torch.zeros(1, 2), torch.zeros(1, 4, 80), torch.zeros(1, 192))
+
+    def call(i, urgency):
+        batcher.mels(FlowWork(torch.zeros(1, 3), prompt, torch.full((1, 80, 10), float(i))), urgency)
+
+    with lock.hold(FIRST_AUDIO):
+        threads = []
+        for i, urgency in enumerate((STREAM, STREAM, FIRST_AUDIO)):
+            threads.append(threading.Thread(target=call, args=(i, urgency)))
+            threads[-1].start()
+            while lock.waiting < i + 1:
+                time.sleep(0.001)
+    for t in threads:
+        t.join(10)
+    # The first-audio call leads and takes the oldest stream call along.
+    assert groups == [[2, 0], [1]]
+
+
+def test_a_failed_batch_fails_each_of_its_streams_and_the_next_call_works():
+    lock, calls = PriorityLock(), []
+    prompt = Prompt(torch.zeros(1, 2), torch.zeros(1, 4, 80), torch.zeros(1, 192))
+
+    def run(works):
+        calls.append(len(works))
+        if len(calls) == 1:
+            raise RuntimeError("flow blew up")
+        return [w.noise for w in works]
+
+    batcher = FlowBatcher(lock, run, max_batch=4)
+    errors = []
+
+    def call():
+        try:
+            batcher.mels(FlowWork(torch.zeros(1, 3), prompt, torch.zeros(1, 80, 10)), STREAM)
+        except RuntimeError as exc:
+            errors.append(str(exc))
+
+    with lock.hold(FIRST_AUDIO):
+        threads = [threading.Thread(target=call) for _ in range(3)]
+        for t in threads:
+            t.start()
+        while lock.waiting < 3:
+            time.sleep(0.001)
+    for t in threads:
+        t.join(10)
+    assert errors == ["flow blew up"] * 3 and calls == [3]
+    assert batcher.mels(FlowWork(torch.zeros(1, 3), prompt, torch.ones(1, 80, 10)), STREAM).sum() == 800
+    assert not lock.locked() and lock.waiting == 0
+
+
+def test_hold_unless_gives_up_when_done_and_otherwise_holds():
+    lock, done = PriorityLock(), threading.Event()
+    got = []
+
+    def waiter():
+        with lock.hold_unless(STREAM, done.is_set) as acquired:
+            got.append(acquired)
+
+    with lock.hold():
+        t = threading.Thread(target=waiter)
+        t.start()
+        while lock.waiting < 1:
+            time.sleep(0.001)
+        done.set()
+    t.join(10)
+    assert got == [False] and lock.waiting == 0 and not lock.locked()
+    with lock.hold_unless(STREAM, lambda: False) as acquired:
+        assert acquired and lock.locked()
+
+
+def streamed(engine, voice, seed):
+    request = SynthesisRequest(text="Streams in lockstep share the vocoder.", voice=voice, seed=seed)
+    stream = engine.stream(request, schedule=SCHEDULE, max_tokens=BUDGET)
+    try:
+        return np.concatenate(list(stream))
+    finally:
+        stream.close()
+
+
+def test_concurrent_streams_share_vocoder_calls_and_each_sounds_as_alone(engine, voices,
+                                                                          monkeypatch):
+    batched = Engine(engine.model, watermark=False, max_batch=4, batch_vocoder=True)
+    alone = [streamed(batched, v, seed=20 + i) for i, v in enumerate(voices)]
+    assert batched._flows.batches == batched._flows.rows  # one stream at a time: no batches
+
+    original, want = BatchDecoder.step, {"n": len(voices)}
+
+    def gathered_step(self):  # the first step waits for every stream, so they run in lockstep
+        deadline = time.monotonic() + 10
+        while want["n"] and batched.scheduler.active < want["n"] and time.monotonic() < deadline:
+            time.sleep(0.001)
+        want["n"] = 0
+        return original(self)
+
+    monkeypatch.setattr(BatchDecoder, "step", gathered_step)
+    results = [None] * len(voices)
+
+    def run(i):
+        results[i] = streamed(batched, voices[i], seed=20 + i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(voices))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert batched._flows.rows > batched._flows.batches  # some calls did run together
+    for a, b in zip(alone, results):
+        assert a.shape == b.shape
+        assert np.abs(a - b).max() < 1e-3  # rounding only (the exact decoder keeps the tokens)
+
+
+def test_batching_is_off_on_the_exact_path_by_default(engine):
+    assert engine.decoder_kind == "exact" and not engine.batch_vocoder
+    assert not Engine(engine.model, watermark=False, max_batch=4).batch_vocoder
+    assert not Engine(engine.model, watermark=False, max_batch=1, batch_vocoder=True).batch_vocoder
