@@ -23,6 +23,7 @@ from .config import Settings
 from .engine import Cancelled, Engine
 from .errors import InternalError, OutputTooLarge, StorageUnavailable, WorkerError
 from .schemas import (GenerateRequest, GetVoiceRequest, HealthRequest, ListVoicesRequest,
+                      RebuildVoicesRequest,
                       UploadVoiceRequest, parse_request)
 from .service import JobSummary, Service, create_service, timings
 from .storage import OutputStorage, output_key
@@ -82,6 +83,8 @@ class JobRunner:
                 yield self.service.get_voice(request)
             elif isinstance(request, ListVoicesRequest):
                 yield self.service.list_voices()
+            elif isinstance(request, RebuildVoicesRequest):
+                yield self.service.rebuild_voices()
             else:
                 yield self.service.delete_voice(request)
         except WorkerError as exc:

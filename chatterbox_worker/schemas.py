@@ -162,6 +162,12 @@ class ListVoicesRequest(_Request):
     action: Literal["list_voices"]
 
 
+class RebuildVoicesRequest(_Request):
+    """Remake every stored voice made for another model (an endpoint that switched models)."""
+
+    action: Literal["rebuild_voices"]
+
+
 class DeleteVoiceRequest(_Request):
     action: Literal["delete_voice"]
     voice_id: StrictStr
@@ -178,11 +184,13 @@ REQUESTS = {
     "upload_voice": UploadVoiceRequest,
     "get_voice": GetVoiceRequest,
     "list_voices": ListVoicesRequest,
+    "rebuild_voices": RebuildVoicesRequest,
     "delete_voice": DeleteVoiceRequest,
     "health": HealthRequest,
 }
 
 Request = Union[GenerateRequest, UploadVoiceRequest, GetVoiceRequest, ListVoicesRequest,
+                RebuildVoicesRequest,
                 DeleteVoiceRequest, HealthRequest]
 
 

@@ -262,6 +262,9 @@ class Service:
     def list_voices(self) -> dict:
         return self.library.list()
 
+    def rebuild_voices(self) -> dict:
+        return self.library.rebuild_all()
+
     def voice_ids(self) -> List[str]:
         return self.voices.voice_ids()
 

@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 from typing import List, Sequence
 
 import numpy as np
 
 from . import reference
 from .engine import Engine
-from .errors import InvalidAudio, InvalidInput, InvalidVoiceFile, VoiceExists
+from .errors import (InvalidAudio, InvalidInput, InvalidVoiceFile, VoiceExists, VoiceNotFound,
+                     WorkerError)
 from .fetch import fetch_audio
 from .schemas import DeleteVoiceRequest, GetVoiceRequest, UploadVoiceRequest
 from .voices import (MAX_VOICE_FILE_BYTES, StoredVoice, VoiceStore, parse_voice_file,
                      voice_file_bytes)
+
+log = logging.getLogger(__name__)
 
 MAX_CLIPS = 10
 CLIP_GAP_S = 0.25  # silence between clips in the stored reference audio
@@ -178,6 +182,33 @@ class VoiceLibrary:
 
     def list(self) -> dict:
         return {"voices": self.store.list_metadata()}
+
+    def rebuild_all(self) -> dict:
+        """Every stored voice made for another model, remade for this one from its reference audio.
+
+        For an operator who switched the endpoint's model: one job instead of
+        an export and upload per voice. Voices already made for this model
+        are left as they are; a voice that cannot be rebuilt is reported with
+        its error and left untouched (nothing is half written: each file is
+        replaced atomically, ``VoiceStore.save``).
+        """
+        rebuilt, current, failed = [], [], []
+        for voice_id in self.store.voice_ids():
+            try:
+                _, voice = self.store.export(voice_id)
+                if voice.model == self.signature:
+                    current.append(voice_id)
+                    continue
+                data = self._import(voice_id, voice, rebuild=True)
+                self._store(voice_id, data, overwrite=True)
+                rebuilt.append(voice_id)
+            except VoiceNotFound:
+                continue  # deleted meanwhile
+            except WorkerError as exc:
+                failed.append({"voice_id": voice_id, "error": f"{exc.code}: {exc.message}"})
+        log.info("rebuild_voices: %d rebuilt, %d already current, %d failed", len(rebuilt),
+                 len(current), len(failed))
+        return {"model": self.signature, "rebuilt": rebuilt, "current": current, "failed": failed}
 
     def delete(self, request: DeleteVoiceRequest) -> dict:
         self.store.delete(request.voice_id)

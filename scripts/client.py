@@ -6,6 +6,7 @@
         [--min-p X] [--repetition-penalty X] [--language en] [--format F] [--sample-rate HZ] [--s3]
     python scripts/client.py upload narrator --audio ref.wav [--audio more.wav] [--overwrite]
     python scripts/client.py voices | voice narrator [--export FILE] | delete narrator | health
+    python scripts/client.py rebuild-voices   # after switching the endpoint's model
     python scripts/client.py --local http://127.0.0.1:8000 generate "Hi." -o hi.wav
 
 Exit codes: 0 done, 1 the job failed (the worker's error is printed), 2 bad usage,
@@ -92,6 +93,8 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--export", type=Path, default=None, help="save the voice file here")
     d = sub.add_parser("delete", help="delete a voice")
     d.add_argument("voice_id")
+    sub.add_parser("rebuild-voices", help="remake every stored voice made for another model "
+                   "for the one the endpoint serves now")
     sub.add_parser("health", help="worker health")
     return p
 
@@ -146,6 +149,7 @@ def run(args, endpoint: Endpoint) -> int:
         print(json.dumps(item))
         return 0
     job = {"voices": {"action": "list_voices"}, "health": {"action": "health"},
+           "rebuild-voices": {"action": "rebuild_voices"},
            "delete": {"action": "delete_voice", "voice_id": getattr(args, "voice_id", None)}}[args.command]
     print(json.dumps(endpoint.call(job), indent=1))
     return 0

@@ -166,3 +166,34 @@ def test_unwritable_voices_directory_is_storage_unavailable(engine, tmp_path):
     error = upload(runner, "nowhere")["error"]
     assert error.startswith("storage_unavailable:")
     assert "/" not in error.split(":", 1)[1].replace(str(blocked), "")  # names no other host path
+
+
+def test_rebuild_voices_remakes_every_foreign_voice_once_and_reports_the_rest(engine, foreign_engine,
+                                                                              tmp_path):
+    """An endpoint that switched models: one job remakes all voices for the model it serves now."""
+    shared = tmp_path / "volume-voices"
+    before = make_runner(foreign_engine, shared)  # the endpoint's old model
+    upload(before, "anna")
+    upload(before, "ben", text=SENTENCES[1])
+    after = make_runner(engine, shared)  # the same volume, the new model
+    upload(after, "cleo")
+    (shared / "dora.pth").write_bytes(b"not a voice file")
+    cleo_bytes = (shared / "cleo.pth").read_bytes()
+    anna_reference = after.voices.export("anna")[1].reference_audio
+
+    result = job(after, action="rebuild_voices")
+    assert result["model"] == engine.model.signature
+    assert (result["rebuilt"], result["current"]) == (["anna", "ben"], ["cleo"])
+    assert [f["voice_id"] for f in result["failed"]] == ["dora"]
+    assert result["failed"][0]["error"].startswith("invalid_voice_file:")
+    assert (shared / "dora.pth").read_bytes() == b"not a voice file"  # left as it was
+    assert (shared / "cleo.pth").read_bytes() == cleo_bytes  # already current: untouched
+    anna = after.voices.load("anna")  # no longer refused
+    assert anna.model == engine.model.signature
+    assert torch.equal(anna.reference_audio, anna_reference)  # kept for the next switch
+    here = engine.voice_from_clips([anna_reference.numpy().astype(np.float32) / 32767.0])
+    assert torch.equal(anna.conditionals.speaker_emb, here.speaker_emb)
+    assert job(after, text="Hi.", voice_id="ben", seed=2)["voice_id"] == "ben"
+
+    again = job(after, action="rebuild_voices")
+    assert (again["rebuilt"], again["current"]) == ([], ["anna", "ben", "cleo"])
