@@ -1,6 +1,7 @@
 # Chatterbox TTS worker for RunPod serverless.
 #   docker build -t chatterbox-worker .                                # weights baked in (default)
 #   docker build --build-arg BAKE_WEIGHTS=0 -t chatterbox-worker .     # weights from the volume / Hub
+#   docker build --build-arg VARIANT=turbo -t chatterbox-turbo .       # another model (original, turbo, multilingual)
 # torch's CUDA wheels carry the CUDA runtime; the host's driver does the rest,
 # so a slim Python base is enough (no CUDA base image needed). The torch that
 # ships is PyPI's own build (CUDA 13.0: NVIDIA driver 580 or newer).
@@ -36,10 +37,14 @@ RUN mkdir -p /opt/chatterbox/weights \
 
 FROM ${PYTHON_IMAGE}
 ARG BAKE_WEIGHTS=1
+# The model the image serves: the one whose weights were baked (a worker
+# asking for another would find none offline). CHATTERBOX_VARIANT at run time
+# still overrides it (with BAKE_WEIGHTS=0, or HF_HUB_OFFLINE=0 to download).
+ARG VARIANT=original
 # The account the worker runs as; root keeps root (also settable at run time).
 ARG WORKER_USER=worker
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 \
-    CHATTERBOX_BAKED_DIR=/opt/chatterbox/weights \
+    CHATTERBOX_BAKED_DIR=/opt/chatterbox/weights CHATTERBOX_VARIANT=${VARIANT} \
     HF_HOME=/tmp/hf-home NUMBA_CACHE_DIR=/opt/numba-cache NUMBA_CPU_NAME=generic \
     HF_HUB_OFFLINE=${BAKE_WEIGHTS} WORKER_USER=${WORKER_USER}
 RUN useradd --create-home --uid 1000 worker \
