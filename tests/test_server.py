@@ -240,7 +240,7 @@ def test_a_model_that_fails_to_load_is_unavailable(settings_env, tmp_path):
 # -- voices ---------------------------------------------------------------------
 
 
-def test_voice_life_cycle_over_multipart(served, client):
+def test_voice_life_cycle_over_multipart(served, client, engine):
     clip = wav_bytes(5, seed=3)
     files = {"file": ("ref.wav", clip, "audio/wav")}
     created = client.post("/voices", data={"voice_id": "narrator.pth"}, files=files)
@@ -272,6 +272,12 @@ def test_voice_life_cycle_over_multipart(served, client):
     gone = client.get("/voices/copy")
     assert gone.status_code == 404 and gone.json()["detail"] == "Voice 'copy' not found."
     assert client.delete("/voices/copy").status_code == 404
+    # The voices are this model's own: a rebuild has nothing to do.
+    rebuilt = client.post("/voices/rebuild")
+    assert rebuilt.status_code == 200, rebuilt.text
+    answer = rebuilt.json()
+    assert (answer["model"], answer["rebuilt"], answer["failed"]) == (engine.model.signature, [], [])
+    assert {"narrator", "two"} <= set(answer["current"])
 
 
 @pytest.mark.parametrize("data,files,status,code", [

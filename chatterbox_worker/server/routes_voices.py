@@ -1,5 +1,6 @@
 """Voice library over REST: ``POST /voices`` (multipart), ``GET /voices``,
-``GET /voices/{id}`` (``?export=true`` for the file), ``DELETE /voices/{id}``.
+``GET /voices/{id}`` (``?export=true`` for the file), ``DELETE /voices/{id}``,
+``POST /voices/rebuild`` (every voice made for another model, remade for this one).
 
 A ``voice_id`` with a trailing ``.pth`` names the same voice. Uploads take
 one file exported by this project, or one or more reference recordings, all
@@ -82,6 +83,14 @@ async def upload_voice(request: Request):
                                overwrite=overwrite, rebuild=rebuild)
     _log(request, "upload_voice", voice_id)
     return JSONResponse({**metadata, "message": "Voice uploaded successfully."}, status_code=201)
+
+
+@router.post("/voices/rebuild")
+async def rebuild_voices(request: Request):
+    service = request.app.state.core.require_service()
+    result = await _off_loop(service.rebuild_voices)
+    _log(request, "rebuild_voices", "-")
+    return result
 
 
 @router.get("/voices")
