@@ -119,11 +119,12 @@ def _fit_speech_tokenizer(tokenizer, sizes: ModelSizes):
     return tokenizer
 
 
-def build_s3gen(sizes: ModelSizes):
+def build_s3gen(sizes: ModelSizes, *, meanflow: bool = False):
+    """S3Gen at ``sizes``; ``meanflow`` is Turbo's distilled vocoder (its estimator also reads the end time)."""
     from chatterbox.models.s3gen import S3Gen
 
     if sizes.is_released:
-        return S3Gen()
+        return S3Gen(meanflow=meanflow)
     from chatterbox.models.s3gen.configs import CFM_PARAMS
     from chatterbox.models.s3gen.decoder import ConditionalDecoder
     from chatterbox.models.s3gen.f0_predictor import ConvRNNF0Predictor
@@ -137,7 +138,7 @@ def build_s3gen(sizes: ModelSizes):
     # cost), then swap in shrunk versions of every sized part. What is left
     # unswapped keeps upstream's size and is materialised below.
     with torch.device("meta"):
-        s3gen = S3Gen()
+        s3gen = S3Gen(meanflow=meanflow)
     s3gen.tokenizer = _fit_speech_tokenizer(s3gen.tokenizer, sizes)
     width = sizes.flow_width
     encoder = UpsampleConformerEncoder(
@@ -154,7 +155,7 @@ def build_s3gen(sizes: ModelSizes):
         in_channels=320, out_channels=80, causal=True, channels=[sizes.decoder_channels],
         dropout=0.0, attention_head_dim=64, n_blocks=sizes.decoder_blocks,
         num_mid_blocks=sizes.decoder_mid_blocks, num_heads=sizes.decoder_heads, act_fn="gelu",
-        meanflow=False)
+        meanflow=meanflow)
     decoder = CausalConditionalCFM(spk_emb_dim=80, cfm_params=CFM_PARAMS, estimator=estimator)
     s3gen.flow = CausalMaskedDiffWithXvec(input_size=width, encoder=encoder, decoder=decoder)
     s3gen.mel2wav = HiFTGenerator(

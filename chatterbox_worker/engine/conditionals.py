@@ -10,7 +10,7 @@ embedding inside ``T3Cond``) can reach another job.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -115,18 +115,38 @@ def from_upstream(conds) -> VoiceConditionals:
     )
 
 
+def normalise_loudness(clip: np.ndarray, lufs: float) -> np.ndarray:
+    """``clip`` at integrated loudness ``lufs`` (upstream Turbo's ``norm_loudness``, which leaves a
+    clip it cannot measure as it is)."""
+    import contextlib
+    import sys
+
+    from chatterbox.tts_turbo import ChatterboxTurboTTS
+
+    # Upstream's method uses nothing of its instance; it prints its warning
+    # to stdout, which the worker keeps for results.
+    with contextlib.redirect_stdout(sys.stderr):
+        out = ChatterboxTurboTTS.norm_loudness(None, np.asarray(clip, dtype=np.float32), S3GEN_SR,
+                                               target_lufs=lufs)
+    return np.asarray(out, dtype=np.float32)
+
+
 @torch.inference_mode()
-def build_conditionals(model, clips_24k: Sequence[np.ndarray],
-                       prompt_clip: int = 0) -> VoiceConditionals:
+def build_conditionals(model, clips_24k: Sequence[np.ndarray], prompt_clip: int = 0, *,
+                       t3_prompt_seconds: float = T3_PROMPT_SECONDS,
+                       reference_lufs: Optional[float] = None) -> VoiceConditionals:
     """Make a voice from cleaned 24 kHz reference clips of one speaker.
 
     The speaker embedding averages every clip; the prompts (what T3 and S3Gen
     imitate directly) come from ``prompt_clip``. With one clip this is exactly
-    upstream's ``prepare_conditionals``.
+    upstream's ``prepare_conditionals`` (Turbo's: ``t3_prompt_seconds`` 15 and
+    every clip first normalised to ``reference_lufs``).
     """
     import librosa
 
     device = model.device
+    if reference_lufs is not None:
+        clips_24k = [normalise_loudness(c, reference_lufs) for c in clips_24k]
     clips_16k = [librosa.resample(np.asarray(c, dtype=np.float32), orig_sr=S3GEN_SR, target_sr=S3_SR)
                  for c in clips_24k]
     prompt_24k = np.asarray(clips_24k[prompt_clip], dtype=np.float32)[:S3GEN_PROMPT_SECONDS * S3GEN_SR]
@@ -138,7 +158,7 @@ def build_conditionals(model, clips_24k: Sequence[np.ndarray],
 
     plen = model.t3.hp.speech_cond_prompt_len
     prompt_tokens, _ = model.s3gen.tokenizer.forward(
-        [clips_16k[prompt_clip][:T3_PROMPT_SECONDS * S3_SR]], max_len=plen)
+        [clips_16k[prompt_clip][:int(t3_prompt_seconds * S3_SR)]], max_len=plen)
     prompt_tokens = torch.atleast_2d(prompt_tokens).to(device)
 
     ve_embeds = model.voice_encoder.embeds_from_wavs(clips_16k, sample_rate=S3_SR)

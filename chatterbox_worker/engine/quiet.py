@@ -17,6 +17,8 @@ THIRD_PARTY_WARNINGS = [
     (FutureWarning, r"`torch.backends.cuda.sdp_kernel\(\)` is deprecated"),
     # librosa -> audioread imports these stdlib modules, deprecated in 3.11.
     (DeprecationWarning, r"'(aifc|audioop|sunau)' is deprecated"),
+    # transformers' GPT2Tokenizer (Turbo's) builds its BPE from vocab.json/merges.txt paths.
+    (DeprecationWarning, r"Deprecated in 0.9.0: BPE.__init__ will not create from files"),
 ]
 
 
