@@ -207,3 +207,47 @@ def test_vocoder_output_equals_upstream(turbo_engine, upstream, monkeypatch):
     reference = reference.squeeze(0).numpy()
     assert ours.shape == reference.shape == (len(tokens) * 960,)
     assert abs(ours - reference).max() < 1e-5
+
+
+def test_batched_tokens_equal_alone(turbo_engine):
+    """Requests decoded side by side, joining at different steps, one cancelled midway, each get
+    exactly the tokens they get alone (float32, CPU)."""
+    from chatterbox_worker.engine.batch_decode import DecodeRequest
+    from chatterbox_worker.engine.turbo_batch import TurboBatchDecoder
+
+    model = turbo_engine.model
+    texts = [TEXT, "Good morning! How are you today?", "One, two, three [sigh]."]
+    params = [turbo_params(), turbo_params(top_k=30, temperature=1.2), turbo_params(top_p=0.6)]
+    budgets = [70, 50, 60]
+
+    def request(i):
+        t3_cond, _ = turbo_engine.builtin_voice.for_request(0.0)
+        return DecodeRequest(t3_cond=t3_cond, text_tokens=turbo.text_tokens(model.tokenizer, texts[i]),
+                             params=params[i], max_new_tokens=budgets[i],
+                             generator=torch.Generator().manual_seed(100 + i))
+
+    alone = []
+    for i in range(3):
+        r = request(i)
+        alone.append(list(turbo.decode_turbo_tokens(model, r.t3_cond, r.text_tokens, r.params,
+                                                    max_new_tokens=r.max_new_tokens,
+                                                    generator=r.generator)))
+    decoder = TurboBatchDecoder(model.t3)
+    requests = [request(i) for i in range(3)]
+    got = {r: [] for r in requests}
+    decoder.add(requests[0])
+    for step in range(200):
+        if step == 5:
+            decoder.add(requests[1])
+        if step == 9:
+            decoder.add(requests[2])
+        if step == 40:
+            decoder.remove(requests[2])
+        for event in decoder.step():
+            if event.token is not None:
+                got[event.request].append(event.token)
+        if not len(decoder) and step > 9:
+            break
+    assert got[requests[0]] == alone[0] and len(alone[0]) == 70
+    assert got[requests[1]] == alone[1]
+    assert got[requests[2]] == alone[2][:len(got[requests[2]])] and 20 < len(got[requests[2]]) < 60
