@@ -153,8 +153,12 @@ def estimate_snr_db(audio: np.ndarray, frame: int = 480) -> float:
     return float(10 * np.log10(speech / floor))
 
 
-def clean(audio: np.ndarray, *, label: str = "audio", max_seconds: float = MAX_SECONDS) -> ReferenceClip:
-    """Trim silence, normalise loudness, check length (``InvalidAudio`` naming the limits)."""
+def clean(audio: np.ndarray, *, label: str = "audio", max_seconds: float = MAX_SECONDS,
+          min_seconds: float = MIN_SECONDS, needed_by: Optional[str] = None) -> ReferenceClip:
+    """Trim silence, normalise loudness, check length (``InvalidAudio`` naming the limits).
+
+    ``needed_by``: the served model whose own minimum ``min_seconds`` is (turbo: more than
+    5 s, as upstream asserts); the error then names it."""
     import librosa
     import pyloudnorm
 
@@ -164,9 +168,11 @@ def clean(audio: np.ndarray, *, label: str = "audio", max_seconds: float = MAX_S
         raise InvalidAudio(f"{label} is silent")
     trimmed, _ = librosa.effects.trim(audio, top_db=TRIM_TOP_DB, frame_length=1024, hop_length=256)
     seconds = len(trimmed) / SAMPLE_RATE
-    if seconds < MIN_SECONDS:
+    if seconds < min_seconds or (needed_by and seconds <= min_seconds):
+        need = (f"the {needed_by} model needs more than {min_seconds:g} s" if needed_by
+                else f"at least {min_seconds:.0f} s is needed")
         raise InvalidAudio(f"{label} has {seconds:.1f} s of sound after trimming silence; "
-                           f"at least {MIN_SECONDS:.0f} s is needed (10-30 s of clean speech is best)")
+                           f"{need} (10-30 s of clean speech is best)")
     if seconds > max_seconds:
         raise InvalidAudio(f"{label} is {seconds:.1f} s long after trimming silence; at most "
                            f"{max_seconds:.0f} s per clip (use scripts/clone_voice.py for longer "

@@ -193,6 +193,7 @@ class Service:
                                f"{', '.join(spec.languages)}"
                                + ("" if len(spec.languages) > 1 else
                                   " (other languages need the multilingual model)"))
+        self.engine.check_text(request.text)
         try:
             return spec.sampling({name: getattr(request, name) for name in SAMPLING_FIELDS})
         except ValueError as exc:

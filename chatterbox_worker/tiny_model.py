@@ -1,12 +1,13 @@
 """Random-weights Chatterbox checkpoints in the upstream file layout, for tests and benchmarks.
 
-    python -m chatterbox_worker.tiny_model DIR [--seed N] [--size tiny|full] [--variant original]
+    python -m chatterbox_worker.tiny_model DIR [--seed N] [--size tiny|full] [--variant original|turbo]
 
 writes ``ve.safetensors``, ``t3_cfg.safetensors``, ``s3gen.safetensors``,
 ``tokenizer.json`` and a built-in voice ``conds.pt`` (made from a synthetic
 reference clip through the same code that makes uploaded voices), plus, for
 ``tiny``, the shrunk sizes the loader needs. ``CHATTERBOX_MODEL_DIR=DIR`` then
-loads it through the worker's normal path. Random weights make noise, not
+loads it through the worker's normal path. ``--variant turbo`` writes
+Chatterbox Turbo's layout instead (``tiny_turbo``). Random weights make noise, not
 speech: tests check structure, determinism and parity with upstream.
 """
 
@@ -118,7 +119,13 @@ def save_builtin_voice(model, directory: Path, *, seed: int, exaggeration: float
 
 
 # Variant name -> writer(directory, seed=, sizes=): the variant's files, random weights.
-WRITERS = {"original": write_original}
+def _write_turbo(directory: Path, *, seed: int, sizes: ModelSizes) -> None:
+    from .tiny_turbo import write_checkpoint as write_turbo
+
+    write_turbo(directory, seed=seed, sizes=sizes)
+
+
+WRITERS = {"original": write_original, "turbo": _write_turbo}
 
 
 def spread_weights(module: torch.nn.Module, gain: float = 2.0) -> None:

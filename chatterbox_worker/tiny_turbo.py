@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from .engine import turbo
 from .engine.architecture import TINY, ModelSizes, build_s3gen, build_voice_encoder, state_dict_to_save
 
@@ -50,21 +48,14 @@ def write_tokenizer(directory: Path) -> None:
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
 
 
-def write_checkpoint(directory: Path, *, seed: int = 0, sizes: ModelSizes = TINY) -> Path:
-    """Write a random Turbo checkpoint to ``directory`` and return it."""
+def write_checkpoint(directory: Path, *, seed: int, sizes: ModelSizes = TINY) -> None:
+    """Turbo's files with random weights (``tiny_model.WRITERS["turbo"]``)."""
     from safetensors.torch import save_file
 
-    from chatterbox.models.t3.modules.cond_enc import T3Cond
-    from chatterbox.tts_turbo import Conditionals
-
-    from .engine.conditionals import build_conditionals
     from .engine.model import ChatterboxModel
     from .engine.weights import WeightSource
-    from .tiny_model import spread_weights, synthetic_reference
+    from .tiny_model import save_builtin_voice, spread_weights
 
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
     ve, t3 = build_voice_encoder(sizes), turbo.build_turbo_t3(sizes)
     s3gen = build_s3gen(sizes, meanflow=True)
     spread_weights(t3)
@@ -75,18 +66,10 @@ def write_checkpoint(directory: Path, *, seed: int = 0, sizes: ModelSizes = TINY
     save_file(state_dict_to_save(s3gen), str(directory / turbo.S3GEN_FILE))
     write_tokenizer(directory)
     sizes.save(directory)
-
-    # The built-in voice, made exactly as uploaded Turbo voices are.
+    tokenizer = turbo.load_tokenizer(directory)
     model = ChatterboxModel(variant="turbo", device="cpu", t3=t3, s3gen=s3gen, voice_encoder=ve,
-                            tokenizer=turbo.load_tokenizer(directory), builtin_voice=None,
-                            signature="", sizes=sizes, source=WeightSource(directory, "model_dir"))
-    voice = build_conditionals(model, [synthetic_reference(seed=seed)],
-                               t3_prompt_seconds=turbo.T3_PROMPT_SECONDS,
-                               reference_lufs=turbo.REFERENCE_LUFS)
-    Conditionals(
-        T3Cond(speaker_emb=voice.speaker_emb, cond_prompt_speech_tokens=voice.cond_prompt_speech_tokens,
-               emotion_adv=0.5 * torch.ones(1, 1, 1)),
-        {"prompt_token": voice.prompt_token, "prompt_token_len": voice.prompt_token_len,
-         "prompt_feat": voice.prompt_feat, "prompt_feat_len": None, "embedding": voice.embedding},
-    ).save(directory / "conds.pt")
-    return directory
+                            tokenizer=tokenizer, builtin_voice=None, signature="", sizes=sizes,
+                            source=WeightSource(directory, "model_dir"),
+                            text_encoder=turbo.TurboText(tokenizer))
+    # Upstream Turbo's generate runs with exaggeration 0 (its T3 has no such input).
+    save_builtin_voice(model, directory, seed=seed, exaggeration=0.0)

@@ -131,7 +131,11 @@ class VoiceLibrary:
     def _from_raw_clips(self, voice_id: str, raw: List[bytes], labels: List[str]) -> bytes:
         if len(raw) > MAX_CLIPS:
             raise InvalidInput(f"at most {MAX_CLIPS} reference clips per voice")
-        clips = [reference.clean(reference.decode(data, label=label), label=label)
+        spec = self.engine.variant
+        own = spec.min_reference_s > reference.MIN_SECONDS  # the model needs more than the default
+        clips = [reference.clean(reference.decode(data, label=label), label=label,
+                                 min_seconds=spec.min_reference_s if own else reference.MIN_SECONDS,
+                                 needed_by=spec.title if own else None)
                  for data, label in zip(raw, labels)]
         first = reference.cleanest(clips)
         audio = [c.audio for c in clips]

@@ -44,9 +44,25 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def turbo_checkpoint(tmp_path_factory) -> Path:
     """A random-weights Chatterbox Turbo checkpoint in its real layout (seed 0), shared by the session."""
-    from chatterbox_worker.tiny_turbo import write_checkpoint
+    from chatterbox_worker.tiny_model import write_checkpoint
 
-    return write_checkpoint(tmp_path_factory.mktemp("tiny-turbo-seed0"), seed=0)
+    return write_checkpoint(tmp_path_factory.mktemp("tiny-turbo-seed0"), seed=0, variant="turbo")
+
+
+@pytest.fixture(scope="session")
+def turbo_settings_env(turbo_checkpoint, tmp_path_factory) -> dict:
+    """Environment for a turbo worker on the tiny Turbo checkpoint with its own voices directory."""
+    return {"CHATTERBOX_VARIANT": "turbo", "CHATTERBOX_MODEL_DIR": str(turbo_checkpoint),
+            "VOICES_DIR": str(tmp_path_factory.mktemp("turbo-voices")), "CHATTERBOX_WARMUP": "0"}
+
+
+@pytest.fixture(scope="session")
+def turbo_engine(turbo_settings_env):
+    """A warm engine serving the tiny Turbo checkpoint through the normal loading path."""
+    from chatterbox_worker.config import load_settings
+    from chatterbox_worker.engine import load_engine
+
+    return load_engine(load_settings(turbo_settings_env))
 
 
 @pytest.fixture(scope="session")

@@ -10,14 +10,14 @@ embedding inside ``T3Cond``) can reach another job.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence
+from typing import Dict, Sequence
 
 import numpy as np
 import torch
 
 S3GEN_SR = 24000  # S3Gen works at 24 kHz (reference mel frames, output audio)
 S3_SR = 16000  # the speech tokenizer and the voice encoder work at 16 kHz
-T3_PROMPT_SECONDS = 6  # upstream ENC_COND_LEN: T3's prompt is the first 6 s
+# T3's prompt is the first ``Variant.t3_prompt_seconds`` (upstream ENC_COND_LEN: 6 s, turbo 15 s)
 S3GEN_PROMPT_SECONDS = 10  # upstream DEC_COND_LEN: S3Gen's prompt is the first 10 s
 
 # name -> (dtype, shape with None for "any length"); the tensor layout of a voice.
@@ -132,21 +132,23 @@ def normalise_loudness(clip: np.ndarray, lufs: float) -> np.ndarray:
 
 
 @torch.inference_mode()
-def build_conditionals(model, clips_24k: Sequence[np.ndarray], prompt_clip: int = 0, *,
-                       t3_prompt_seconds: float = T3_PROMPT_SECONDS,
-                       reference_lufs: Optional[float] = None) -> VoiceConditionals:
+def build_conditionals(model, clips_24k: Sequence[np.ndarray],
+                       prompt_clip: int = 0) -> VoiceConditionals:
     """Make a voice from cleaned 24 kHz reference clips of one speaker.
 
     The speaker embedding averages every clip; the prompts (what T3 and S3Gen
     imitate directly) come from ``prompt_clip``. With one clip this is exactly
-    upstream's ``prepare_conditionals`` (Turbo's: ``t3_prompt_seconds`` 15 and
-    every clip first normalised to ``reference_lufs``).
+    the model variant's upstream ``prepare_conditionals`` (turbo's: every clip
+    first normalised to -27 LUFS, T3's prompt from the first 15 s).
     """
     import librosa
 
+    from .variants import VARIANTS
+
+    spec = VARIANTS[model.variant]
     device = model.device
-    if reference_lufs is not None:
-        clips_24k = [normalise_loudness(c, reference_lufs) for c in clips_24k]
+    if spec.reference_lufs is not None:
+        clips_24k = [normalise_loudness(c, spec.reference_lufs) for c in clips_24k]
     clips_16k = [librosa.resample(np.asarray(c, dtype=np.float32), orig_sr=S3GEN_SR, target_sr=S3_SR)
                  for c in clips_24k]
     prompt_24k = np.asarray(clips_24k[prompt_clip], dtype=np.float32)[:S3GEN_PROMPT_SECONDS * S3GEN_SR]
@@ -158,7 +160,7 @@ def build_conditionals(model, clips_24k: Sequence[np.ndarray], prompt_clip: int 
 
     plen = model.t3.hp.speech_cond_prompt_len
     prompt_tokens, _ = model.s3gen.tokenizer.forward(
-        [clips_16k[prompt_clip][:int(t3_prompt_seconds * S3_SR)]], max_len=plen)
+        [clips_16k[prompt_clip][:int(spec.t3_prompt_seconds * S3_SR)]], max_len=plen)
     prompt_tokens = torch.atleast_2d(prompt_tokens).to(device)
 
     ve_embeds = model.voice_encoder.embeds_from_wavs(clips_16k, sample_rate=S3_SR)

@@ -18,6 +18,7 @@ import torch
 
 from ..errors import ConfigError, excerpt, reason
 from .architecture import ModelSizes, build_s3gen, build_t3, build_voice_encoder
+from .turbo import load_turbo
 from .weights import WeightSource, required_files
 
 log = logging.getLogger(__name__)
@@ -221,7 +222,8 @@ def load_original(source: WeightSource, *, device: str, t3_dtype: str) -> Chatte
 
 
 # Variant name -> loader(source, device=, t3_dtype=) -> ChatterboxModel.
-LOADERS: Dict[str, Callable[..., ChatterboxModel]] = {"original": load_original}
+LOADERS: Dict[str, Callable[..., ChatterboxModel]] = {"original": load_original,
+                                                       "turbo": load_turbo}
 
 
 __all__ = ["ChatterboxModel", "EnglishText", "LOADERS", "load_builtin_voice", "load_model",

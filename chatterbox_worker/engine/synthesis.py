@@ -15,10 +15,12 @@ from typing import Callable, Iterator, List, Optional, Sequence
 import numpy as np
 import torch
 
+from ..errors import InvalidAudio
 from .conditionals import S3GEN_SR, VoiceConditionals, build_conditionals, from_upstream
-from .decode import SamplingParams, decode_speech_tokens, text_tokens_for
+from .decode import SamplingParams, text_tokens_for
 from .batch_decode import BatchDecoder, DecodeRequest
 from .fast_decode import FastDecoder
+from .turbo_batch import TurboBatchDecoder
 from .model import ChatterboxModel, t3_format
 from .priority_lock import FIRST_AUDIO, STREAM, WHOLE, PriorityLock
 from .scheduler import Scheduler
@@ -148,16 +150,17 @@ class Engine:
         self._lock = PriorityLock()
         self._scheduler: Optional[Scheduler] = None
         self._scheduler_guard = threading.Lock()
-        # Backbones the BatchDecoder does not support decode with the
-        # single-request loop, one piece at a time.
-        self._batched = not getattr(model.t3, "is_gpt", False)
-        self._decode_lock = threading.Lock()
         self._builtin = from_upstream(model.builtin_voice) if model.builtin_voice is not None else None
         if batch_vocoder is None:
             batch_vocoder = self.decoder_kind == "fast"
         self.batch_vocoder = bool(batch_vocoder) and max_batch > 1
         self._flows = FlowBatcher(self._lock, self._flow_batch,
                                   max_batch=max_batch if self.batch_vocoder else 1)
+
+    @property
+    def _end_tokens(self) -> torch.Tensor:
+        """What upstream appends to every piece's tokens before vocoding (turbo: 3 silence tokens)."""
+        return torch.tensor(self.variant.end_tokens, dtype=torch.long)
 
     @property
     def variant(self) -> Variant:
@@ -169,8 +172,25 @@ class Engine:
         return self._builtin
 
     def voice_from_clips(self, clips_24k: Sequence[np.ndarray], prompt_clip: int = 0) -> VoiceConditionals:
+        """A voice from cleaned 24 kHz clips (``InvalidAudio`` for one shorter than the model needs)."""
+        spec = self.variant
+        for i, clip in enumerate(clips_24k):
+            seconds = len(clip) / self.sample_rate
+            # Upstream turbo asserts its reference is longer than 5 s.
+            if spec.min_reference_s and seconds <= spec.min_reference_s:
+                which = f"reference clip {i + 1}" if len(clips_24k) > 1 else "the reference clip"
+                raise InvalidAudio(f"{which} has {seconds:.1f} s of sound after trimming silence; "
+                                   f"the {spec.title} model needs more than "
+                                   f"{spec.min_reference_s:g} s")
         with self._lock.hold(WHOLE):
             return build_conditionals(self.model, clips_24k, prompt_clip)
+
+    def check_text(self, text: str) -> None:
+        """Refuse text the served model's tokenizer cannot read as meant (``InvalidInput``):
+        turbo refuses a bracketed word that is not one of its event tags."""
+        check = getattr(self.model.text_encoder, "check", None)
+        if check is not None:
+            check(text)
 
     def speech_tokens(self, request: SynthesisRequest, piece: str, generator: torch.Generator,
                       max_tokens: Optional[int] = None):
@@ -183,8 +203,6 @@ class Engine:
         t3_cond, _ = request.voice.for_request(request.exaggeration)
         text_tokens = text_tokens_for(self.model, piece, request.language)
         budget = max_tokens or token_budget(piece)
-        if not self._batched:
-            return self._decode_alone(t3_cond, text_tokens, request.sampling, budget, generator)
         return self.scheduler.submit(DecodeRequest(t3_cond=t3_cond, text_tokens=text_tokens,
                                                    params=request.sampling, max_new_tokens=budget,
                                                    generator=generator))
@@ -201,25 +219,17 @@ class Engine:
     def decoder_kind(self) -> str:
         """``exact`` (float32 on CPU: tokens bit for bit those of the
         single-request loop, ``BatchDecoder``) or ``fast`` (static cache,
-        padded batch, CUDA graphs on GPU: ``FastDecoder``)."""
-        if not self._batched:
-            return "single"
+        padded batch, CUDA graphs on GPU: ``FastDecoder``). Turbo's GPT-2
+        backbone: ``TurboBatchDecoder``, exact or with shared products."""
         exact = t3_format(self.model.t3) == "float32" and str(self.model.device) == "cpu"
         return "exact" if exact else "fast"
 
     def _new_decoder(self):
+        if getattr(self.model.t3, "is_gpt", False):
+            return TurboBatchDecoder(self.model.t3, exact=self.decoder_kind == "exact")
         if self.decoder_kind == "exact":
             return BatchDecoder(self.model.t3)
         return FastDecoder(self.model.t3, slots=self.max_batch, cuda_graphs=self.cuda_graphs)
-
-    def _decode_alone(self, t3_cond, text_tokens, sampling, budget, generator):
-        with self._decode_lock:
-            steps = decode_speech_tokens(self.model, t3_cond, text_tokens, sampling,
-                                         max_new_tokens=budget, generator=generator)
-            try:
-                yield from steps
-            finally:
-                steps.close()
 
     def _decode_piece(self, request: SynthesisRequest, piece: str, generator: torch.Generator,
                       max_tokens: Optional[int],
@@ -255,6 +265,7 @@ class Engine:
             n_tokens += len(tokens)
             tokens = speakable(tokens)
             n_audio_tokens += len(tokens)
+            tokens = torch.cat([tokens, self._end_tokens])
             _, gen = request.voice.for_request(request.exaggeration)
             with self._lock.hold(WHOLE):
                 audio.append(vocode_whole(self.model, tokens, gen,
@@ -299,6 +310,7 @@ class Engine:
                         first = False
             finally:
                 tokens.close()  # a closed stream leaves the decoder before its next step
+            vocoder.add(self._end_tokens)  # vocoded with the rest by finish()
             urgency = FIRST_AUDIO if first else STREAM
             with self._lock.hold(urgency):
                 audio = vocoder.finish()

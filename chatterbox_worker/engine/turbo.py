@@ -30,9 +30,6 @@ from ..errors import ConfigError, InvalidInput, excerpt, reason
 TEXT_VOCAB_SIZE = 50276  # GPT-2's 50257 BPE tokens plus Turbo's added tokens (from_local's hp)
 SPEECH_VOCAB_SIZE = 6563  # 6561 speech ids, start (6561) and stop (6562)
 PROMPT_TOKENS = 375  # T3's voice prompt: 15 s of speech tokens
-T3_PROMPT_SECONDS = 15  # upstream ENC_COND_LEN for Turbo (the original model: 6)
-REFERENCE_LUFS = -27.0  # upstream normalises every reference clip to this loudness
-MIN_REFERENCE_S = 5.0  # upstream asserts the reference is longer than this
 T3_FILE = "t3_turbo_v1.safetensors"
 S3GEN_FILE = "s3gen_meanflow.safetensors"
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "added_tokens.json", "special_tokens_map.json",
@@ -233,32 +230,36 @@ def load_parts(directory, sizes, device: str):
     return ve, t3, s3gen, tokenizer
 
 
-def load_turbo(source, *, variant: str, device: str, t3_dtype: str = "float32"):
+class TurboText:
+    """Turbo's text path, called as ``text_encoder(text, language)``: (1, L) ids as
+    ``ChatterboxTurboTTS.generate`` makes them (no start or stop text tokens: upstream adds none).
+
+    ``check(text)`` refuses a bracketed word that is not one of this tokenizer's tags."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.tags = known_tags(tokenizer)
+
+    def __call__(self, text: str, language: str = "en") -> torch.Tensor:
+        return text_tokens(self.tokenizer, text)
+
+    def check(self, text: str) -> None:
+        check_tags(text, self.tags)
+
+
+def load_turbo(source, *, device: str, t3_dtype: str = "float32"):
     """The Turbo checkpoint at ``source`` as a ``ChatterboxModel`` (``ConfigError`` on any mismatch)."""
-    from chatterbox.tts_turbo import Conditionals
+    from .model import ChatterboxModel, load_builtin_voice, load_sizes, model_signature, set_t3_format
 
-    from .architecture import ModelSizes
-    from .model import ChatterboxModel, model_signature, set_t3_format
-
-    if t3_dtype == "int8" and device != "cpu":
-        raise ConfigError("the int8 T3 format runs on CPU only; use bfloat16 on CUDA")
     directory = source.directory
-    try:
-        sizes = ModelSizes.load(directory)
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{directory}: {exc}") from None
+    sizes = load_sizes(directory)
     ve, t3, s3gen, tokenizer = load_parts(directory, sizes, device)
     set_t3_format(t3, t3_dtype)
-    builtin = None
-    if (directory / "conds.pt").exists():
-        try:
-            builtin = Conditionals.load(directory / "conds.pt", map_location="cpu").to(device)
-        except Exception as exc:
-            raise ConfigError(f"cannot read conds.pt (built-in voice): {reason(exc, 200)}") from None
-    return ChatterboxModel(variant=variant, device=device, t3=t3, s3gen=s3gen, voice_encoder=ve,
-                           tokenizer=tokenizer, builtin_voice=builtin,
-                           signature=model_signature(variant, directory), source=source, sizes=sizes)
+    return ChatterboxModel(variant="turbo", device=device, t3=t3, s3gen=s3gen, voice_encoder=ve,
+                           tokenizer=tokenizer, builtin_voice=load_builtin_voice(directory, device),
+                           signature=model_signature("turbo", directory), source=source, sizes=sizes,
+                           text_encoder=TurboText(tokenizer))
 
 
-__all__ = ["load_turbo", "EVENT_TAGS", "TurboSampler", "build_turbo_t3", "check_tags", "decode_turbo_tokens",
+__all__ = ["TurboText", "load_turbo", "EVENT_TAGS", "TurboSampler", "build_turbo_t3", "check_tags", "decode_turbo_tokens",
            "known_tags", "load_parts", "load_tokenizer", "text_tokens", "turbo_hp"]

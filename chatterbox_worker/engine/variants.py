@@ -51,6 +51,14 @@ class Variant:
     limits: Mapping[str, Tuple[float, float]] = field(default_factory=lambda: _frozen({}))
     min_reference_s: float = 0.0  # shortest reference clip a voice may be built from
     flow_steps: int = 10  # the vocoder's flow-matching steps upstream runs
+    # How upstream's prepare_conditionals makes a voice: seconds of reference
+    # T3's prompt is cut from (ENC_COND_LEN), and the loudness every reference
+    # is first normalised to (None: left as cleaned).
+    t3_prompt_seconds: float = 6.0
+    reference_lufs: Optional[float] = None
+    # Speech tokens upstream appends to T3's before vocoding (turbo: three of
+    # S3GEN_SIL, so every take ends on the vocoder's silence).
+    end_tokens: Tuple[int, ...] = ()
     served: bool = True  # False: known, but this worker cannot serve it yet
 
     def sampling(self, given: Mapping[str, Optional[float]]) -> Dict[str, float]:
@@ -108,7 +116,9 @@ VARIANTS: Mapping[str, Variant] = _frozen({
         ignored=_frozen({"exaggeration": 0.0, "cfg_weight": 0.0, "min_p": 0.0}),
         min_reference_s=5.0,
         flow_steps=2,
-        served=False,
+        t3_prompt_seconds=15.0,
+        reference_lufs=-27.0,
+        end_tokens=(4299, 4299, 4299),
     ),
 })
 

@@ -27,29 +27,12 @@ def monkeypatch_module():
         yield patch
 
 
-@pytest.fixture(scope="module")
-def turbo_engine(turbo_checkpoint):
-    # TEMPORARY until the variants seam: built by hand
-    from chatterbox_worker.engine.architecture import ModelSizes
-    from chatterbox_worker.engine.model import ChatterboxModel
-    from chatterbox_worker.engine.synthesis import Engine
-    from chatterbox_worker.engine.weights import WeightSource
-    from chatterbox.tts_turbo import Conditionals
-
-    sizes = ModelSizes.load(turbo_checkpoint)
-    ve, t3, s3gen, tok = turbo.load_parts(turbo_checkpoint, sizes, "cpu")
-    model = ChatterboxModel(variant="turbo", device="cpu", t3=t3, s3gen=s3gen, voice_encoder=ve,
-                            tokenizer=tok, builtin_voice=Conditionals.load(turbo_checkpoint / "conds.pt"),
-                            signature="x", source=WeightSource(turbo_checkpoint, "model_dir"), sizes=sizes)
-    return Engine(model, watermark=False)
-
-
 def turbo_params(**changes):
     """Turbo's defaults (``ChatterboxTurboTTS.generate``'s) with ``changes``."""
     defaults = dict(temperature=0.8, top_p=0.95, top_k=1000, min_p=0.0, repetition_penalty=1.2,
                     cfg_weight=0.0)
     defaults.update(changes)
-    import types; return types.SimpleNamespace(**defaults)  # TEMPORARY until SamplingParams.top_k
+    return SamplingParams(**defaults)
 
 
 @pytest.fixture(scope="module")

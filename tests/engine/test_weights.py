@@ -82,8 +82,8 @@ def test_nothing_found_names_every_source_tried_in_one_line(tmp_path):
 
 
 def test_unserved_variant_is_a_config_error(tmp_path):
-    with pytest.raises(ConfigError, match="turbo"):
-        locate_weights("turbo", model_dir=None, baked_dir=tmp_path, volume_hf_cache=tmp_path,
+    with pytest.raises(ConfigError, match="'nope'"):
+        locate_weights("nope", model_dir=None, baked_dir=tmp_path, volume_hf_cache=tmp_path,
                        hub=no_hub)
 
 
