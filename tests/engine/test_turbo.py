@@ -10,6 +10,8 @@ word embedding, ``AutoTokenizer``, ``conds.pt``) runs as released.
 
 import copy
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -192,16 +194,30 @@ def test_vocoder_output_equals_upstream(turbo_engine, upstream, monkeypatch):
     assert abs(ours - reference).max() < 1e-5
 
 
-def test_batched_tokens_equal_alone(turbo_engine):
+@pytest.mark.parametrize("exact", [True, False], ids=["exact", "shared-products"])
+def test_batched_tokens_equal_alone(turbo_engine, monkeypatch, exact):
     """Requests decoded side by side, joining at different steps, one cancelled midway, each get
-    exactly the tokens they get alone (float32, CPU)."""
+    the tokens they get alone, and (``exact``, float32 on CPU) bit for bit the same logits, so
+    the equality does not rest on draws that landed away from a rounding boundary. With one
+    shared product per projection the logits are only close."""
     from chatterbox_worker.engine.batch_decode import DecodeRequest
     from chatterbox_worker.engine.turbo_batch import TurboBatchDecoder
 
     model = turbo_engine.model
-    texts = [TEXT, "Good morning! How are you today?", "One, two, three [sigh]."]
-    params = [turbo_params(), turbo_params(top_k=30, temperature=1.2), turbo_params(top_p=0.6)]
-    budgets = [70, 50, 60]
+    # Five requests: CPU BLAS sums four or more rows in another order than one.
+    texts = [TEXT, "Good morning! How are you today?", "One, two, three [sigh].",
+             "What a wonderful day it is.", "The quick brown fox [gasp] jumps."]
+    params = [turbo_params(), turbo_params(top_k=30, temperature=1.2), turbo_params(top_p=0.6),
+              turbo_params(repetition_penalty=1.0), turbo_params(top_k=0, temperature=1.0)]
+    budgets = [70, 50, 60, 45, 55]
+    seen = {}  # generator id -> every logits tensor its sampler drew from
+    pick = turbo.TurboSampler.pick
+
+    def recording(self, logits):
+        seen.setdefault(id(self.generator), []).append(logits.clone())
+        return pick(self, logits)
+
+    monkeypatch.setattr(turbo.TurboSampler, "pick", recording)
 
     def request(i):
         t3_cond, _ = turbo_engine.builtin_voice.for_request(0.0)
@@ -209,19 +225,24 @@ def test_batched_tokens_equal_alone(turbo_engine):
                              params=params[i], max_new_tokens=budgets[i],
                              generator=torch.Generator().manual_seed(100 + i))
 
-    alone = []
-    for i in range(3):
+    alone, alone_logits = [], []
+    kept = []  # every generator stays alive, so no other can take its id
+    for i in range(len(texts)):
         r = request(i)
+        kept.append(r)
         alone.append(list(turbo.decode_turbo_tokens(model, r.t3_cond, r.text_tokens, r.params,
                                                     max_new_tokens=r.max_new_tokens,
                                                     generator=r.generator)))
-    decoder = TurboBatchDecoder(model.t3)
-    requests = [request(i) for i in range(3)]
+        alone_logits.append(list(seen[id(r.generator)]))
+    decoder = TurboBatchDecoder(model.t3, exact=exact)
+    requests = [request(i) for i in range(len(texts))]
     got = {r: [] for r in requests}
     decoder.add(requests[0])
+    decoder.add(requests[3])
     for step in range(200):
         if step == 5:
             decoder.add(requests[1])
+            decoder.add(requests[4])
         if step == 9:
             decoder.add(requests[2])
         if step == 40:
@@ -231,6 +252,177 @@ def test_batched_tokens_equal_alone(turbo_engine):
                 got[event.request].append(event.token)
         if not len(decoder) and step > 9:
             break
-    assert got[requests[0]] == alone[0] and len(alone[0]) == 70
-    assert got[requests[1]] == alone[1]
-    assert got[requests[2]] == alone[2][:len(got[requests[2]])] and 20 < len(got[requests[2]]) < 60
+    for i, r in enumerate(requests):
+        logits = seen[id(r.generator)]
+        if i == 2:  # cancelled at step 40, after joining at step 9
+            assert 20 < len(got[r]) < 60 and got[r] == alone[i][:len(got[r])]
+        else:
+            assert len(got[r]) == budgets[i] and len(logits) == len(alone_logits[i])
+        if exact:
+            assert got[r] == alone[i][:len(got[r])]
+            assert all(torch.equal(a, b) for a, b in zip(logits, alone_logits[i]))
+        else:
+            steps = min(len(logits), len(alone_logits[i]), 10)
+            assert all((a - b).abs().max() < 1e-3 for a, b in
+                       zip(logits[:steps], alone_logits[i][:steps]))
+
+
+# -- the engine serving turbo ---------------------------------------------------
+
+def turbo_request(engine, text=TEXT, seed=3, voice=None):
+    """A request with turbo's defaults, as the service fills them."""
+    from chatterbox_worker.engine import SynthesisRequest
+    from chatterbox_worker.engine.variants import VARIANTS
+
+    values = VARIANTS["turbo"].sampling({})
+    sampling = SamplingParams(**{k: values[k] for k in SamplingParams.__dataclass_fields__})
+    return SynthesisRequest(text=text, voice=voice or engine.builtin_voice, seed=seed,
+                            exaggeration=0.0, sampling=sampling)
+
+
+@pytest.fixture(scope="module")
+def plain_turbo(turbo_engine):
+    """The session's turbo model without the watermark, at turbo's 2 flow steps."""
+    from chatterbox_worker.engine.synthesis import Engine
+
+    return Engine(turbo_engine.model, watermark=False, flow_steps=turbo_engine.flow_steps)
+
+
+@pytest.fixture
+def token_tap(plain_turbo, monkeypatch):
+    """Records the speech tokens of every piece the engine decodes, and what it vocodes whole."""
+    from chatterbox_worker.engine import synthesis
+
+    taps = {"decoded": [], "vocoded": []}
+    original, vocode = plain_turbo.speech_tokens, synthesis.vocode_whole
+
+    def tapped(*args, **kwargs):
+        tokens = []
+        taps["decoded"].append(tokens)
+        for token in original(*args, **kwargs):
+            tokens.append(token)
+            yield token
+
+    def vocoded(model, tokens, *args, **kwargs):
+        taps["vocoded"].append(torch.as_tensor(tokens).tolist())
+        return vocode(model, tokens, *args, **kwargs)
+
+    monkeypatch.setattr(plain_turbo, "speech_tokens", tapped)
+    monkeypatch.setattr(synthesis, "vocode_whole", vocoded)
+    return taps
+
+
+def test_the_engine_serves_turbo_with_upstreams_loop_and_vocoder(turbo_engine, plain_turbo, token_tap):
+    """Loaded by CHATTERBOX_VARIANT=turbo: 2 flow steps, the batch decoder, and the tokens of
+    ``decode_turbo_tokens`` alone; upstream's three silence tokens end the vocoded piece."""
+    assert turbo_engine.model.variant == "turbo" and turbo_engine.flow_steps == 2
+    assert turbo_engine.decoder_kind == "exact"
+    request = turbo_request(plain_turbo, seed=21)
+    take = plain_turbo.synthesize(request, max_tokens=90)
+    [decoded], [vocoded] = token_tap["decoded"], token_tap["vocoded"]
+    generator = torch.Generator().manual_seed(21)
+    t3_cond, _ = request.voice.for_request(0.0)
+    alone = list(turbo.decode_turbo_tokens(turbo_engine.model, t3_cond,
+                                           turbo.text_tokens(turbo_engine.model.tokenizer, TEXT),
+                                           request.sampling, max_new_tokens=90, generator=generator))
+    assert decoded == alone and len(alone) == 90
+    assert vocoded == speakable(alone).tolist() + [SIL] * 3
+    assert len(take.audio) == (take.audio_tokens + 3) * 960
+
+
+@pytest.fixture
+def quiet_source(monkeypatch):
+    """HiFT's excitation without its random phases and noise (as in test_streaming.py): what is
+    left of the difference between streamed and one-shot is what chunking does."""
+    from chatterbox.models.s3gen import hifigan
+
+    class NoPhase:
+        def __init__(self, low, high):
+            pass
+
+        def sample(self, sample_shape):
+            return torch.zeros(sample_shape)
+
+    monkeypatch.setattr(hifigan, "Uniform", NoPhase)
+    monkeypatch.setattr(torch, "randn_like", lambda t, *a, **k: torch.zeros_like(t))
+
+
+def test_streamed_turbo_take_matches_one_shot(plain_turbo, quiet_source):
+    """Streamed through the chunked vocoder (mean-flow, the silence tokens vocoded with the last
+    chunk): same length as one-shot and, but for chunking, the same audio."""
+    from chatterbox_worker.engine import StreamSchedule
+
+    one_shot = plain_turbo.synthesize(turbo_request(plain_turbo), max_tokens=120).audio
+    chunks = list(plain_turbo.stream(turbo_request(plain_turbo), max_tokens=120,
+                                     schedule=StreamSchedule(chunk_tokens=(8, 16))))
+    streamed = np.concatenate(chunks)
+    assert len(chunks) > 5 and len(streamed) == len(one_shot)
+    # The last 3 tokens (120 ms) are the vocoder's silence tokens, in both.
+    snr = 10 * np.log10(np.sum(one_shot ** 2) / np.sum((one_shot - streamed) ** 2))
+    assert snr > 25
+
+
+def test_a_turbo_voice_is_upstreams_prepare_conditionals(turbo_engine, upstream, tmp_path):
+    """Loudness normalised to -27 LUFS, T3's prompt from the first 15 s (375 tokens), S3Gen's
+    from the first 10 s: equal to what upstream Turbo makes from the same file."""
+    import soundfile
+
+    from chatterbox_worker.tiny_model import synthetic_reference
+
+    clip = 0.2 * synthetic_reference(seconds=20, seed=4)  # quiet: normalisation changes it
+    path = tmp_path / "ref.wav"
+    soundfile.write(path, clip, 24000, subtype="FLOAT")
+    ours = turbo_engine.voice_from_clips([clip])
+    upstream.prepare_conditionals(str(path))
+    theirs = upstream.conds
+    assert ours.cond_prompt_speech_tokens.shape == (1, 375)
+    assert torch.equal(ours.cond_prompt_speech_tokens, theirs.t3.cond_prompt_speech_tokens)
+    assert torch.allclose(ours.speaker_emb, theirs.t3.speaker_emb.float(), atol=1e-5)
+    assert torch.equal(ours.prompt_token, theirs.gen["prompt_token"][:, :ours.prompt_token.shape[1]])
+    assert ours.prompt_token.shape[1] == 250
+    assert torch.allclose(ours.prompt_feat, theirs.gen["prompt_feat"][:, :500], atol=1e-5)
+    assert torch.allclose(ours.embedding, theirs.gen["embedding"].reshape(1, -1), atol=1e-5)
+
+
+def test_a_turbo_reference_must_be_longer_than_5_s(turbo_engine):
+    from chatterbox_worker.errors import InvalidAudio
+    from chatterbox_worker.tiny_model import synthetic_reference
+
+    with pytest.raises(InvalidAudio, match=r"has 5.0 s .* the turbo model needs more than 5 s"):
+        turbo_engine.voice_from_clips([synthetic_reference(seconds=5.0, seed=2)])
+    voice = turbo_engine.voice_from_clips([synthetic_reference(seconds=5.2, seed=2)])
+    assert voice.cond_prompt_speech_tokens.shape[1] == 130  # all of it: shorter than 15 s
+
+
+def test_event_tags_pass_and_unknown_tags_are_refused(turbo_engine):
+    from chatterbox_worker.errors import InvalidInput
+
+    for text in ("[clear throat] Well [laugh], that was [sigh] something.",
+                 "See note [1] and [Note: x] and [A1]."):  # brackets around no plain word: text
+        turbo_engine.check_text(text)
+    with pytest.raises(InvalidInput, match=r"text: \[laughs\] is not an event tag of the turbo "
+                                           r"model; it knows \[chuckle\] \[clear throat\]"):
+        turbo_engine.check_text("She [laughs] at that.")
+
+
+def test_the_service_fills_turbo_defaults_and_refuses_what_turbo_ignores(turbo_engine, tmp_path):
+    from chatterbox_worker.config import load_settings
+    from chatterbox_worker.errors import InvalidInput
+    from chatterbox_worker.schemas import GenerateRequest
+    from chatterbox_worker.service import Service
+    from chatterbox_worker.voices import VoiceStore
+
+    settings = load_settings({"VOICES_DIR": str(tmp_path), "CHATTERBOX_VARIANT": "turbo"})
+    service = Service(settings, turbo_engine, VoiceStore(tmp_path, model_signature="x", variant="turbo"))
+    request = service.synthesis_request(GenerateRequest(text="Hi [laugh]", cfg_weight=0, min_p=0,
+                                                        exaggeration=0))
+    assert request.sampling == SamplingParams(temperature=0.8, cfg_weight=0.0, top_p=0.95, top_k=1000,
+                                              min_p=0.0, repetition_penalty=1.2)
+    assert service.synthesis_request(GenerateRequest(text="Hi", top_k=5)).sampling.top_k == 5
+    for field, value in (("cfg_weight", 0.5), ("exaggeration", 0.7), ("min_p", 0.05)):
+        with pytest.raises(InvalidInput, match=f"{field}: the turbo model does not use it"):
+            service.synthesis_request(GenerateRequest(text="Hi", **{field: value}))
+    with pytest.raises(InvalidInput, match="language: 'de' is not spoken by the turbo model"):
+        service.synthesis_request(GenerateRequest(text="Hallo", language="de"))
+    with pytest.raises(InvalidInput, match=r"\[whistle\] is not an event tag"):
+        service.check_generate(GenerateRequest(text="Hi [whistle]"))
