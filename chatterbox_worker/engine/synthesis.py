@@ -339,6 +339,10 @@ class Engine:
         if self._builtin is None:
             return None
         started = time.perf_counter()
-        self.synthesize(SynthesisRequest(text="Warming up.", voice=self._builtin, seed=0),
+        # The served model's own defaults, so warm-up runs the paths jobs take (turbo's top-k).
+        values = self.variant.sampling({})
+        sampling = SamplingParams(**{k: values[k] for k in SamplingParams.__dataclass_fields__})
+        self.synthesize(SynthesisRequest(text="Warming up.", voice=self._builtin, seed=0,
+                                         exaggeration=values["exaggeration"], sampling=sampling),
                         max_tokens=25)
         return time.perf_counter() - started

@@ -149,7 +149,8 @@ class TurboSampler:
     def pick(self, logits: torch.Tensor) -> torch.Tensor:
         """(1, 1) next token from (1, vocab) logits; None when every logit is cut (upstream stops)."""
         history = torch.cat(self.generated, dim=1) if self.generated else self.start
-        logits = self.processors(history, logits)
+        # float32 whatever T3's format (a no-op in float32, where upstream's draws are matched).
+        logits = self.processors(history, logits.float())
         if self.generated and torch.all(logits == -float("inf")):
             return None
         probs = torch.softmax(logits, dim=-1)
@@ -251,6 +252,11 @@ def load_turbo(source, *, device: str, t3_dtype: str = "float32"):
     """The Turbo checkpoint at ``source`` as a ``ChatterboxModel`` (``ConfigError`` on any mismatch)."""
     from .model import ChatterboxModel, load_builtin_voice, load_sizes, model_signature, set_t3_format
 
+    if t3_dtype == "int8":
+        # torch's dynamic int8 quantises nn.Linear; GPT-2's layers are
+        # transformers' Conv1D, so only the speech head would change.
+        raise ConfigError("CHATTERBOX_DTYPE=int8 is not available for the turbo model; use float32 "
+                          "on CPU or bfloat16 on CUDA")
     directory = source.directory
     sizes = load_sizes(directory)
     ve, t3, s3gen, tokenizer = load_parts(directory, sizes, device)

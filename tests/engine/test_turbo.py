@@ -426,3 +426,11 @@ def test_the_service_fills_turbo_defaults_and_refuses_what_turbo_ignores(turbo_e
         service.synthesis_request(GenerateRequest(text="Hallo", language="de"))
     with pytest.raises(InvalidInput, match=r"\[whistle\] is not an event tag"):
         service.check_generate(GenerateRequest(text="Hi [whistle]"))
+
+
+def test_int8_is_refused_for_turbo(turbo_engine):
+    from chatterbox_worker.engine.model import load_model
+    from chatterbox_worker.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="int8 is not available for the turbo model"):
+        load_model(turbo_engine.model.source, variant="turbo", device="cpu", t3_dtype="int8")
