@@ -434,3 +434,17 @@ def test_int8_is_refused_for_turbo(turbo_engine):
 
     with pytest.raises(ConfigError, match="int8 is not available for the turbo model"):
         load_model(turbo_engine.model.source, variant="turbo", device="cpu", t3_dtype="int8")
+
+
+def test_turbo_prints_nothing(turbo_engine, capfd):
+    """Upstream's turbo path prints (its mean-flow solver, a tqdm bar per decode); ours does not,
+    in a one-shot take, a stream, or making a voice (loudness normalisation)."""
+    from chatterbox_worker.tiny_model import synthetic_reference
+
+    capfd.readouterr()
+    turbo_engine.synthesize(turbo_request(turbo_engine, text="Quiet [sigh] please."), max_tokens=30)
+    list(turbo_engine.stream(turbo_request(turbo_engine, text="Quiet please."), max_tokens=30))
+    turbo_engine.voice_from_clips([synthetic_reference(seconds=6, seed=8)])
+    captured = capfd.readouterr()
+    assert captured.out == ""
+    assert "it/s" not in captured.err  # no progress bar on stderr either
