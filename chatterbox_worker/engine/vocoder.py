@@ -152,12 +152,12 @@ def flow_mels_batch(model, works, steps: int = FLOW_STEPS) -> List[torch.Tensor]
         conds[row, :prompt_frames] = work.prompt.feat[0].to(device, h.dtype)
     mask = (~make_pad_mask(h_lengths)).unsqueeze(1).to(h)
     t_span = torch.linspace(0, 1, steps + 1, device=device, dtype=h.dtype)
-    if getattr(model.s3gen, "meanflow", False):
-        feat = _mean_flow(flow.decoder, noise.to(device, h.dtype), t_span, h.transpose(1, 2).contiguous(),
-                          mask, embedding, conds.transpose(1, 2))
-        return feat[:, :, prompt_frames:]
-    t_span = 1 - torch.cos(t_span * 0.5 * torch.pi)  # upstream's cosine schedule
     noise = torch.cat([w.noise.to(device, h.dtype) for w in works])
+    if getattr(model.s3gen, "meanflow", False):
+        feat = _mean_flow(flow.decoder, noise, t_span, h.transpose(1, 2).contiguous(), mask,
+                          embedding, conds.transpose(1, 2))
+        return [feat[row:row + 1, :, prompt_frames:] for row in range(batch)]
+    t_span = 1 - torch.cos(t_span * 0.5 * torch.pi)  # upstream's cosine schedule
     feat = flow.decoder.solve_euler(noise, t_span=t_span, mu=h.transpose(1, 2).contiguous(),
                                     mask=mask, spks=embedding, cond=conds.transpose(1, 2))
     return [feat[row:row + 1, :, prompt_frames:] for row in range(batch)]
@@ -172,8 +172,10 @@ def _mean_flow(decoder, x, t_span, mu, mask, spks, cond):
     x, t_span, mu, mask, spks, cond = cast_all(x, t_span, mu, mask, spks, cond,
                                                dtype=decoder.estimator.dtype)
     for t, r in zip(t_span[:-1], t_span[1:]):
-        t, r = t[None], r[None]
-        x = x + (r - t) * decoder.estimator.forward(x, mask=mask, mu=mu, t=t, spks=spks, cond=cond, r=r)
+        # One time per row: (1,) as upstream for one call, (B,) for a batch of calls.
+        t, r = t.expand(x.shape[0]), r.expand(x.shape[0])
+        dxdt = decoder.estimator.forward(x, mask=mask, mu=mu, t=t, spks=spks, cond=cond, r=r)
+        x = x + (r - t).view(-1, 1, 1) * dxdt
     return x.to(in_dtype)
 
 

@@ -448,3 +448,27 @@ def test_turbo_prints_nothing(turbo_engine, capfd):
     captured = capfd.readouterr()
     assert captured.out == ""
     assert "it/s" not in captured.err  # no progress bar on stderr either
+
+
+def test_mean_flow_calls_batch_like_the_original_vocoders(turbo_engine):
+    """Equal-shaped chunks of concurrent streams share one flow call (``flow_mels_batch``):
+    with the mean-flow vocoder too, each row is its call alone up to rounding."""
+    from chatterbox_worker.engine.vocoder import FlowWork, flow_mels_batch
+    from chatterbox_worker.tiny_model import synthetic_reference
+
+    model = turbo_engine.model
+    voices = [turbo_engine.builtin_voice,
+              turbo_engine.voice_from_clips([synthetic_reference(seconds=7, seed=5)])]
+    works = []
+    for seed, voice in enumerate(voices):
+        _, gen = voice.for_request(0.0)
+        prompt = Prompt.from_gen(gen).last(50)
+        tokens = torch.randint(0, 6561, (1, 20), generator=torch.Generator().manual_seed(seed))
+        bank = NoiseBank(seed, Prompt.from_gen(gen).feat.shape[1])
+        works.append(FlowWork(tokens, prompt, bank.for_span(prompt.feat.shape[1], 0, 40)))
+    alone = [flow_mels(model, w.tokens, w.prompt, w.noise, 2) for w in works]
+    together = flow_mels_batch(model, works, 2)
+    for a, b in zip(alone, together):
+        assert a.shape == b.shape == (1, 80, 40)
+        assert torch.allclose(a, b, rtol=0, atol=1e-4), (a - b).abs().max()
+    assert not torch.allclose(together[0], together[1], atol=1e-2)
