@@ -98,8 +98,12 @@ def text_tokens(tokenizer, text: str, device="cpu") -> torch.Tensor:
 
 
 def known_tags(tokenizer) -> List[str]:
-    """The bracketed tags this tokenizer reads as one token each (Turbo's event tags)."""
-    return sorted(t for t in tokenizer.get_vocab() if _TAG.fullmatch(t))
+    """The bracketed tags this tokenizer reads as one token each (Turbo's event tags).
+
+    Its added tokens (``added_tokens.json``), where Turbo keeps them; the whole
+    vocabulary only if none of those is a tag."""
+    tags = sorted(t for t in tokenizer.get_added_vocab() if _TAG.fullmatch(t))
+    return tags or sorted(t for t in tokenizer.get_vocab() if _TAG.fullmatch(t))
 
 
 def check_tags(text: str, tags) -> None:
