@@ -123,6 +123,28 @@ def test_speech_tokens_equal_upstream(turbo_engine, upstream, changes):
     assert ours == theirs
 
 
+def test_the_penalty_sees_upstreams_history(turbo_engine, upstream, monkeypatch):
+    """What the repetition penalty is given at each step: the start-of-speech token for the
+    first draw, then the generated tokens without it. (The draws alone cannot show this: the
+    start token is rarely a candidate, and multinomial's draw only changes when it would win.)"""
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    histories = []
+    penalise = RepetitionPenaltyLogitsProcessor.__call__
+
+    def recording(self, input_ids, scores):
+        histories.append(input_ids[0].tolist())
+        return penalise(self, input_ids, scores)
+
+    monkeypatch.setattr(RepetitionPenaltyLogitsProcessor, "__call__", recording)
+    params = turbo_params()
+    upstream_tokens(upstream, seed=19, params=params, max_new_tokens=30)
+    theirs, histories[:] = list(histories), []
+    our_tokens(turbo_engine, seed=19, params=params, n=30)
+    assert histories == theirs and len(theirs) == 30
+    assert theirs[0] == [turbo_engine.model.t3.hp.start_speech_token]
+
+
 def test_processor_order_matters_here(turbo_engine, upstream):
     """The penalty runs after top-p upstream: with it first, the same seed parts within a few
     steps (this is what makes the order test above able to fail)."""
