@@ -41,6 +41,11 @@ def _split_long(sentence: str, limit: int) -> List[str]:
     for clause in _CLAUSE_END.split(sentence):
         while len(clause) > limit:
             cut = clause.rfind(" ", 0, limit + 1)
+            # Never between the words of a bracketed tag (turbo's "[clear throat]"):
+            # each half would be spoken as text.
+            opened = clause.rfind("[", 0, cut)
+            if cut > 0 and opened > clause.rfind("]", 0, cut) and clause.rfind(" ", 0, opened) > 0:
+                cut = clause.rfind(" ", 0, opened)
             if cut <= 0:
                 cut = limit
             parts.append(clause[:cut].strip())

@@ -32,3 +32,13 @@ def test_token_budget_grows_with_text_and_is_capped():
     text = "x" * 140
     assert token_budget(text) >= 25 * 140 / 14
     assert token_budget("y" * 5000) == MAX_TOKENS_PER_PIECE
+
+
+def test_a_long_sentence_is_never_cut_inside_a_bracketed_tag():
+    """Turbo's two-word tag "[clear throat]" would be spoken as text if cut in half."""
+    for shift in range(12):
+        text = "word " * (57 + shift) + "and then [clear throat] " + "more words here " * 20
+        pieces = split_text(text.strip())
+        assert all(len(p) <= MAX_PIECE_CHARS for p in pieces)
+        assert any("[clear throat]" in p for p in pieces), shift
+        assert " ".join(pieces) == " ".join(text.split())
