@@ -118,7 +118,13 @@ def save_builtin_voice(model, directory: Path, *, seed: int, exaggeration: float
 
 
 # Variant name -> writer(directory, seed=, sizes=): the variant's files, random weights.
-WRITERS = {"original": write_original}
+def write_multilingual(directory: Path, *, seed: int, sizes: ModelSizes) -> None:
+    from .tiny_multilingual import write_multilingual_checkpoint
+
+    write_multilingual_checkpoint(directory, seed=seed, sizes=sizes)
+
+
+WRITERS = {"original": write_original, "multilingual": write_multilingual}
 
 
 def spread_weights(module: torch.nn.Module, gain: float = 2.0) -> None:
