@@ -29,10 +29,12 @@ librosa.resample(a, orig_sr=24000, target_sr=16000); librosa.effects.trim(a); li
 COPY chatterbox_worker ./chatterbox_worker
 COPY builder ./builder
 ARG VARIANT=original
+# multilingual only: v3 bakes t3_mtl23ls_v3.safetensors (run with CHATTERBOX_MTL_T3=v3)
+ARG MTL_T3=v2
 ARG BAKE_WEIGHTS=1
 RUN mkdir -p /opt/chatterbox/weights \
  && if [ "$BAKE_WEIGHTS" = "1" ]; then \
-      python builder/fetch_models.py --variant "$VARIANT" --dest /opt/chatterbox/weights; \
+      python builder/fetch_models.py --variant "$VARIANT" --mtl-t3 "$MTL_T3" --dest /opt/chatterbox/weights; \
     fi
 
 FROM ${PYTHON_IMAGE}

@@ -26,8 +26,9 @@ import torch
 
 from .engine.architecture import (TINY, ModelSizes, build_s3gen, build_t3, build_voice_encoder,
                                   state_dict_to_save)
-from .engine.multilingual import (CANGJIE_FILE, LANGUAGES, T3_FILES, TEXT_VOCAB_SIZE,
+from .engine.multilingual import (CANGJIE_FILE, T3_FILES, TEXT_VOCAB_SIZE,
                                   TOKENIZER_FILE, MultilingualTokenizer)
+from .engine.variants import MULTILINGUAL_LANGUAGES as LANGUAGES
 
 SPECIAL_IDS = {"[STOP]": 0, "[UNK]": 1, "[SPACE]": 2, "[PAD]": 3, "[SEP]": 4, "[CLS]": 5,
                "[MASK]": 6, "[START]": 255}

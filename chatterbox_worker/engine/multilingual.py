@@ -20,7 +20,7 @@ import json
 import logging
 import threading
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict
 
 import torch
 
@@ -28,36 +28,11 @@ from ..errors import ConfigError, reason
 
 log = logging.getLogger(__name__)
 
-HUB_REPO = "ResembleAI/chatterbox"  # the original's repository; other files
+from .variants import MULTILINGUAL_LANGUAGES, MULTILINGUAL_T3_FILES as T3_FILES
 
-# Upstream's SUPPORTED_LANGUAGES (mtl_tts.py), code -> name; a test keeps them equal.
-LANGUAGES: Dict[str, str] = {
-    "ar": "Arabic", "da": "Danish", "de": "German", "el": "Greek", "en": "English",
-    "es": "Spanish", "fi": "Finnish", "fr": "French", "he": "Hebrew", "hi": "Hindi",
-    "it": "Italian", "ja": "Japanese", "ko": "Korean", "ms": "Malay", "nl": "Dutch",
-    "no": "Norwegian", "pl": "Polish", "pt": "Portuguese", "ru": "Russian", "sv": "Swedish",
-    "sw": "Swahili", "tr": "Turkish", "zh": "Chinese",
-}
-
-# Sampling defaults of upstream's ChatterboxMultilingualTTS.generate; only
-# repetition_penalty differs from the original model's (1.2 there).
-DEFAULTS = {"exaggeration": 0.5, "cfg_weight": 0.5, "temperature": 0.8, "top_p": 1.0,
-            "min_p": 0.05, "repetition_penalty": 2.0}
-
-# CHATTERBOX_MTL_T3 -> T3 weights file. v2 is what 0.1.7 loads; v3 is newer
-# upstream's opt-in checkpoint of the same architecture.
-T3_FILES = {"v2": "t3_mtl23ls_v2.safetensors", "v3": "t3_mtl23ls_v3.safetensors"}
 TOKENIZER_FILE = "grapheme_mtl_merged_expanded_v1.json"
 CANGJIE_FILE = "Cangjie5_TC.json"
 TEXT_VOCAB_SIZE = 2454  # T3Config.multilingual()
-
-
-def required_files(t3_version: str = "v2") -> Tuple[str, ...]:
-    """Every file a multilingual checkpoint needs, with the T3 file ``t3_version`` selects."""
-    return ("ve.pt", T3_FILES[t3_version], "s3gen.pt", TOKENIZER_FILE, CANGJIE_FILE)
-
-
-OPTIONAL_FILES = ("conds.pt",)
 
 
 # -- text ---------------------------------------------------------------------
@@ -127,8 +102,7 @@ class MultilingualTokenizer:
         }
         if _has_module("pykakasi"):
             self.steps["ja"] = self._kana
-        missing = sorted(set(LANGUAGES) - {t[1:-1] for t in vocab if t.startswith("[")
-                                           and t.endswith("]") and t[1:-1] in LANGUAGES})
+        missing = [code for code in MULTILINGUAL_LANGUAGES if f"[{code}]" not in vocab]
         if missing:
             raise ConfigError(f"{vocab_path.name} has no language token for "
                               f"{', '.join(missing)} (e.g. [{missing[0]}])")
@@ -163,21 +137,27 @@ class MultilingualTokenizer:
                 "ko": "jamo", "he": "as written (no diacritics)", "ru": "as written (no stress marks)"}
 
 
-def text_tokens(model, text: str, language: str) -> torch.Tensor:
-    """(1, L) long ids of ``text`` in ``language`` between T3's start and stop text tokens.
+class MultilingualText:
+    """The multilingual model's text path, as ``ChatterboxModel.text_encoder``.
 
     Upstream's multilingual ``punc_norm`` (not the original model's: it also
-    accepts CJK sentence ends), then ``MultilingualTokenizer``.
+    accepts CJK sentence ends), ``MultilingualTokenizer``, then T3's start
+    and stop text tokens: (1, L) long ids on the CPU.
     """
-    from chatterbox.mtl_tts import punc_norm
 
-    if language not in LANGUAGES:
-        raise ValueError(f"language {language!r} is not one of the multilingual model's")
-    hp = model.t3.hp
-    tokens = model.tokenizer.text_to_tokens(punc_norm(text), language).long()
-    start = torch.full((1, 1), hp.start_text_token, dtype=torch.long)
-    stop = torch.full((1, 1), hp.stop_text_token, dtype=torch.long)
-    return torch.cat([start, tokens, stop], dim=1).to(model.device)
+    def __init__(self, tokenizer: MultilingualTokenizer, hp):
+        self.tokenizer = tokenizer
+        self.start, self.stop = hp.start_text_token, hp.stop_text_token
+
+    def __call__(self, text: str, language: str = "en") -> torch.Tensor:
+        from chatterbox.mtl_tts import punc_norm
+
+        from .model import with_text_ends
+
+        if language not in MULTILINGUAL_LANGUAGES:  # the service refuses these first
+            raise ValueError(f"language {language!r} is not one of the multilingual model's")
+        return with_text_ends(self.tokenizer.text_to_tokens(punc_norm(text), language),
+                              self.start, self.stop)
 
 
 # -- weights ------------------------------------------------------------------
@@ -194,26 +174,27 @@ def load_state_file(path: Path) -> dict:
     return state
 
 
-def load_multilingual(source, *, device: str, t3_dtype: str = "float32", t3_version: str = "v2",
-                      variant: str = "multilingual"):
-    """Build upstream's multilingual modules and load ``source`` into them (``ConfigError`` on a mismatch)."""
-    from chatterbox.tts import Conditionals
+def t3_file_of(source) -> str:
+    """The T3 weights file ``source`` was located for (``CHATTERBOX_MTL_T3``); v2 by default."""
+    chosen = [name for name in T3_FILES.values() if name in source.files]
+    return chosen[0] if chosen else T3_FILES["v2"]
 
-    from .architecture import ModelSizes, build_s3gen, build_t3, build_voice_encoder
-    from .model import ChatterboxModel, _load_safetensors, _load_state, model_signature, set_t3_format
 
-    if t3_dtype == "int8" and device != "cpu":
-        raise ConfigError("the int8 T3 format runs on CPU only; use bfloat16 on CUDA")
+def load_multilingual(source, *, device: str, t3_dtype: str = "float32"):
+    """Upstream's multilingual modules with ``source`` loaded into them (``ChatterboxMultilingualTTS.from_local``'s
+    files); ``ConfigError`` on any mismatch."""
+    from .architecture import build_s3gen, build_t3, build_voice_encoder
+    from .model import (ChatterboxModel, _load_safetensors, _load_state, load_builtin_voice,
+                        load_sizes, model_signature, set_t3_format)
+
+    variant = "multilingual"
     directory = source.directory
-    try:
-        sizes = ModelSizes.load(directory)
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{directory}: {exc}") from None
+    sizes = load_sizes(directory)
 
     ve = build_voice_encoder(sizes)
     _load_state(ve, load_state_file(directory / "ve.pt"), "ve.pt")
 
-    name = T3_FILES[t3_version]
+    name = t3_file_of(source)
     t3 = build_t3(sizes, multilingual=True)
     t3_state = _load_safetensors(directory / name)
     if "model" in t3_state:  # nested exports, as upstream allows
@@ -222,8 +203,8 @@ def load_multilingual(source, *, device: str, t3_dtype: str = "float32", t3_vers
     del t3_state
 
     s3gen = build_s3gen(sizes)
-    # Upstream loads s3gen.pt strictly; computed buffers are allowed missing
-    # here as for the original's s3gen.safetensors (a re-export may omit them).
+    # Upstream loads s3gen.pt strictly; computed buffers may be missing here as
+    # for the original's s3gen.safetensors (a re-export may leave them out).
     _load_state(s3gen, load_state_file(directory / "s3gen.pt"), "s3gen.pt", strict=False,
                 allowed_missing=("_mel_filters", "window", "trim_fade"))
 
@@ -232,22 +213,14 @@ def load_multilingual(source, *, device: str, t3_dtype: str = "float32", t3_vers
     for module in (ve, t3, s3gen):
         module.to(device).eval()
     set_t3_format(t3, t3_dtype)
-
-    builtin = None
-    conds_path = directory / "conds.pt"
-    if conds_path.exists():
-        try:
-            builtin = Conditionals.load(conds_path, map_location="cpu").to(device)
-        except Exception as exc:
-            raise ConfigError(f"cannot read conds.pt (built-in voice): {reason(exc, 200)}") from None
-    log.info("multilingual text: %s", "; ".join(f"{k}: {v}" for k, v in tokenizer.describe().items()))
+    log.info("multilingual T3 %s; text preprocessing: %s", name,
+             "; ".join(f"{k}: {v}" for k, v in tokenizer.describe().items()))
     return ChatterboxModel(
         variant=variant, device=device, t3=t3, s3gen=s3gen, voice_encoder=ve,
-        tokenizer=tokenizer, builtin_voice=builtin,
-        signature=model_signature(variant, directory, files=required_files(t3_version)),
-        source=source, sizes=sizes)
+        tokenizer=tokenizer, builtin_voice=load_builtin_voice(directory, device),
+        signature=model_signature(variant, directory, source.files), source=source, sizes=sizes,
+        text_encoder=MultilingualText(tokenizer, t3.hp))
 
 
-__all__ = ["LANGUAGES", "DEFAULTS", "T3_FILES", "TOKENIZER_FILE", "CANGJIE_FILE", "OPTIONAL_FILES",
-           "MultilingualTokenizer", "load_multilingual", "load_state_file", "required_files",
-           "text_tokens"]
+__all__ = ["CANGJIE_FILE", "T3_FILES", "TOKENIZER_FILE", "MultilingualText", "MultilingualTokenizer",
+           "load_multilingual", "load_state_file", "t3_file_of"]

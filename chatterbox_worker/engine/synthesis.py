@@ -182,7 +182,7 @@ class Engine:
         """
         t3_cond, _ = request.voice.for_request(request.exaggeration)
         text_tokens = text_tokens_for(self.model, piece, request.language)
-        budget = max_tokens or token_budget(piece)
+        budget = max_tokens or token_budget(piece, request.language)
         if not self._batched:
             return self._decode_alone(t3_cond, text_tokens, request.sampling, budget, generator)
         return self.scheduler.submit(DecodeRequest(t3_cond=t3_cond, text_tokens=text_tokens,

@@ -9,18 +9,19 @@ its attention-based alignment analyzer is switched off (it hooks layer 9 of
 """
 
 import copy
-import inspect
 import json
 import shutil
 
 import pytest
 import torch
 
+from chatterbox_worker.config import load_settings
 from chatterbox_worker.engine.architecture import ModelSizes, build_s3gen, build_t3
-from chatterbox_worker.engine.decode import SamplingParams, decode_speech_tokens
-from chatterbox_worker.engine.multilingual import (CANGJIE_FILE, DEFAULTS, LANGUAGES,
-                                                   TOKENIZER_FILE, MultilingualTokenizer,
-                                                   load_multilingual, load_state_file, text_tokens)
+from chatterbox_worker.engine.decode import SamplingParams, decode_speech_tokens, text_tokens_for
+from chatterbox_worker.engine.multilingual import (CANGJIE_FILE, TOKENIZER_FILE,
+                                                   MultilingualTokenizer, load_multilingual,
+                                                   load_state_file)
+from chatterbox_worker.engine.variants import MULTILINGUAL_LANGUAGES
 from chatterbox_worker.engine.vocoder import NoiseBank, speakable, vocode_whole
 from chatterbox_worker.engine.weights import WeightSource
 from chatterbox_worker.errors import ConfigError
@@ -40,9 +41,23 @@ SENTENCES = {
 }
 
 
+def text_tokens(model, text, language):
+    return text_tokens_for(model, text, language)
+
+
 @pytest.fixture(scope="module")
-def mtl_model(multilingual_checkpoint):
-    return load_multilingual(WeightSource(multilingual_checkpoint, "model_dir"), device="cpu")
+def mtl_engine(multilingual_checkpoint):
+    """The normal start-up path: CHATTERBOX_VARIANT=multilingual on the tiny checkpoint."""
+    from chatterbox_worker.engine import load_engine
+
+    return load_engine(load_settings({"CHATTERBOX_VARIANT": "multilingual",
+                                      "CHATTERBOX_MODEL_DIR": str(multilingual_checkpoint),
+                                      "CHATTERBOX_WARMUP": "0", "CHATTERBOX_WATERMARK": "0"}))
+
+
+@pytest.fixture(scope="module")
+def mtl_model(mtl_engine):
+    return mtl_engine.model
 
 
 def hub_cache_inside(directory):
@@ -86,15 +101,10 @@ def no_alignment_analyzer(monkeypatch):
     monkeypatch.setattr(T3Config, "is_multilingual", property(lambda self: False))
 
 
-def test_languages_and_defaults_are_upstreams():
-    from chatterbox.mtl_tts import SUPPORTED_LANGUAGES, ChatterboxMultilingualTTS
+def test_languages_are_upstreams():
+    from chatterbox.mtl_tts import SUPPORTED_LANGUAGES
 
-    assert LANGUAGES == SUPPORTED_LANGUAGES
-    defaults = {name: p.default for name, p in
-                inspect.signature(ChatterboxMultilingualTTS.generate).parameters.items()
-                if name in DEFAULTS}
-    assert defaults == DEFAULTS
-    assert DEFAULTS["repetition_penalty"] == 2.0
+    assert MULTILINGUAL_LANGUAGES == tuple(sorted(SUPPORTED_LANGUAGES))
 
 
 @pytest.mark.parametrize("language", sorted(SENTENCES))
@@ -276,7 +286,7 @@ def test_checkpoint_layout_is_upstreams(multilingual_checkpoint):
     data = json.loads((multilingual_checkpoint / TOKENIZER_FILE).read_text())
     vocab = data["model"]["vocab"]
     assert vocab["[START]"] == 255 and vocab["[STOP]"] == 0 and vocab["[SPACE]"] == 2
-    assert all(f"[{code}]" in vocab for code in LANGUAGES)
+    assert all(f"[{code}]" in vocab for code in MULTILINGUAL_LANGUAGES)
     assert max(vocab.values()) < 2454
     entries = json.loads((multilingual_checkpoint / CANGJIE_FILE).read_text())
     assert all(len(e.split("\t")) == 2 for e in entries)
