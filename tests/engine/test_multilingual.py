@@ -12,6 +12,7 @@ import copy
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -46,13 +47,9 @@ def text_tokens(model, text, language):
 
 
 @pytest.fixture(scope="module")
-def mtl_engine(multilingual_checkpoint):
+def mtl_engine(multilingual_engine):
     """The normal start-up path: CHATTERBOX_VARIANT=multilingual on the tiny checkpoint."""
-    from chatterbox_worker.engine import load_engine
-
-    return load_engine(load_settings({"CHATTERBOX_VARIANT": "multilingual",
-                                      "CHATTERBOX_MODEL_DIR": str(multilingual_checkpoint),
-                                      "CHATTERBOX_WARMUP": "0", "CHATTERBOX_WATERMARK": "0"}))
+    return multilingual_engine
 
 
 @pytest.fixture(scope="module")
@@ -290,3 +287,106 @@ def test_checkpoint_layout_is_upstreams(multilingual_checkpoint):
     assert max(vocab.values()) < 2454
     entries = json.loads((multilingual_checkpoint / CANGJIE_FILE).read_text())
     assert all(len(e.split("\t")) == 2 for e in entries)
+
+
+# -- the worker's own paths on the multilingual model ---------------------------------
+
+
+def test_mtl_t3_setting_loads_the_v3_weights(multilingual_checkpoint, mtl_model, tmp_path):
+    """CHATTERBOX_MTL_T3=v3: the v3 file's tensors are in T3, and the voice signature differs."""
+    from safetensors.torch import load_file
+
+    from chatterbox_worker.engine import load_engine
+
+    env = {"CHATTERBOX_VARIANT": "multilingual", "CHATTERBOX_MODEL_DIR": str(multilingual_checkpoint),
+           "CHATTERBOX_WARMUP": "0", "CHATTERBOX_MTL_T3": "v3"}
+    v3 = load_engine(load_settings(env)).model
+    weights = load_file(str(multilingual_checkpoint / "t3_mtl23ls_v3.safetensors"))
+    assert torch.equal(v3.t3.speech_head.weight, weights["speech_head.weight"])
+    assert not torch.equal(mtl_model.t3.speech_head.weight, weights["speech_head.weight"])
+    assert v3.signature != mtl_model.signature
+    assert v3.signature.startswith("chatterbox-multilingual-")
+
+    # Configured but absent: the operator's directory is not silently served with v2.
+    for name in ("ve.pt", "t3_mtl23ls_v2.safetensors", "s3gen.pt", TOKENIZER_FILE, CANGJIE_FILE):
+        shutil.copy(multilingual_checkpoint / name, tmp_path / name)
+    with pytest.raises(ConfigError, match="missing t3_mtl23ls_v3.safetensors"):
+        load_engine(load_settings(dict(env, CHATTERBOX_MODEL_DIR=str(tmp_path))))
+
+
+def test_the_language_reaches_t3(mtl_model):
+    """The same letters read as Spanish and as Italian are other prompts, so other speech."""
+    es, it = (our_tokens(mtl_model, "Hola, buenos días.", lang, seed=2, params=SamplingParams(),
+                         n=30) for lang in ("es", "it"))
+    assert es != it
+
+
+def engine_request(engine, text, language, seed=4, voice=None,
+                   params=SamplingParams(repetition_penalty=2.0)):
+    from chatterbox_worker.engine import SynthesisRequest
+
+    return SynthesisRequest(text=text, voice=voice or engine.builtin_voice, seed=seed,
+                            language=language, sampling=params)
+
+
+def test_batched_decoding_equals_each_request_alone(mtl_engine):
+    """The scheduler's exact batch decoder on the multilingual T3: two languages, one guided and
+    one not, decoded together, each gets exactly its tokens from the single-request loop."""
+    import threading
+
+    model = mtl_engine.model
+    jobs = [("zh", SENTENCES["zh"], SamplingParams(repetition_penalty=2.0), 5),
+            ("ar", SENTENCES["ar"], SamplingParams(cfg_weight=0.0, temperature=1.1), 6)]
+    assert mtl_engine.decoder_kind == "exact"
+    got = {}
+
+    def run(language, text, params, seed):
+        request = engine_request(mtl_engine, text, language, seed, params=params)
+        got[language] = list(mtl_engine.speech_tokens(request, text, mtl_engine.new_generator(seed),
+                                                      max_tokens=50))
+
+    threads = [threading.Thread(target=run, args=job) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for language, text, params, seed in jobs:
+        assert got[language] == our_tokens(model, text, language, seed, params, 50), language
+        assert len(got[language]) == 50
+
+
+def test_fast_decoder_forward_equals_t3_on_the_multilingual_model(mtl_model):
+    """The static-cache decoder (CUDA's and int8/bfloat16's path) computes T3's own logits here too."""
+    from chatterbox_worker.engine.batch_decode import DecodeRequest
+    from chatterbox_worker.engine.conditionals import from_upstream
+    from tests.engine.test_fast_decode import Recorder, reference_logits, run
+
+    voice = from_upstream(mtl_model.builtin_voice)
+
+    def request(language, params, seed, budget):
+        t3_cond, _ = voice.for_request(0.5)
+        return DecodeRequest(t3_cond=t3_cond, text_tokens=text_tokens(mtl_model, SENTENCES[language],
+                                                                      language),
+                             params=params, max_new_tokens=budget,
+                             generator=torch.Generator().manual_seed(seed))
+
+    a = request("ja", SamplingParams(repetition_penalty=2.0), 1, 25)
+    b = request("hi", SamplingParams(cfg_weight=0.0), 2, 20)
+    decoder = Recorder(mtl_model.t3, slots=2, max_len=512)
+    tokens = run(decoder, {0: [a], 4: [b]})
+    for r in (a, b):
+        expected = reference_logits(mtl_model, r, tokens[r])
+        assert len(decoder.seen_logits[r]) == len(expected) == r.max_new_tokens
+        for mine, theirs in zip(decoder.seen_logits[r], expected):
+            torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_long_chinese_is_one_take_streamed_or_not(mtl_engine):
+    """Split at 。！ into pieces, decoded with the language, vocoded; streaming gives the same length."""
+    text = (SENTENCES["zh"] * 8)
+    request = engine_request(mtl_engine, text, "zh")
+    whole = mtl_engine.synthesize(request, max_tokens=20)
+    assert whole.pieces == 2 and whole.speech_tokens == 40
+    streamed = np.concatenate(list(mtl_engine.stream(request, max_tokens=20)))
+    assert streamed.shape == whole.audio.shape
+    assert np.abs(whole.audio).max() > 0

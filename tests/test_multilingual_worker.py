@@ -1,0 +1,100 @@
+"""A multilingual worker through the job runner: languages, its defaults, voices of other models."""
+
+import base64
+
+import numpy as np
+import pytest
+import torch
+
+from chatterbox_worker.config import load_settings
+from chatterbox_worker.engine.variants import MULTILINGUAL_LANGUAGES
+from chatterbox_worker.jobs import JobRunner
+from chatterbox_worker.schemas import GenerateRequest
+from chatterbox_worker.voices import VoiceStore, parse_voice_file
+from tests.speech import SENTENCES, speech_wav
+
+
+def make_runner(engine, voices_dir):
+    settings = load_settings({"VOICES_DIR": str(voices_dir), "CHATTERBOX_VARIANT": engine.model.variant})
+    store = VoiceStore(settings.voices_dir, model_signature=engine.model.signature,
+                       variant=engine.model.variant)
+    return JobRunner(settings, engine, store)
+
+
+@pytest.fixture
+def runner(multilingual_engine, tmp_path):
+    return make_runner(multilingual_engine, tmp_path / "voices")
+
+
+def job(runner, **job_input):
+    items = list(runner.run({"id": "m", "input": job_input}))
+    assert len(items) == 1, items
+    return items[0]
+
+
+def test_every_language_is_spoken_and_the_language_changes_the_take(runner):
+    takes = {lang: job(runner, text="Hola, buenos días.", language=lang, seed=3)
+             for lang in ("es", "it", "pt")}
+    assert all(t["type"] == "result" and t["duration_s"] > 0 for t in takes.values())
+    assert len({t["audio_base64"] for t in takes.values()}) == 3
+    # Case and spaces around the code do not matter.
+    again = job(runner, text="Hola, buenos días.", language=" ES ", seed=3)
+    assert again["audio_base64"] == takes["es"]["audio_base64"]
+
+
+def test_an_unknown_language_is_refused_listing_the_23(runner):
+    error = job(runner, text="Hallo.", language="xx")["error"]
+    assert error.startswith("invalid_input: language: 'xx' is not spoken by the multilingual model")
+    assert error.endswith(", ".join(MULTILINGUAL_LANGUAGES))
+    assert len(MULTILINGUAL_LANGUAGES) == 23
+
+
+def test_sampling_defaults_are_the_multilingual_models(runner):
+    """Left out, repetition_penalty is upstream's multilingual 2.0 (the original model's is 1.2)."""
+    made = runner.service.synthesis_request(GenerateRequest(text="Bonjour.", language="fr"))
+    assert made.sampling.repetition_penalty == 2.0 and made.language == "fr"
+    given = runner.service.synthesis_request(GenerateRequest(text="Bonjour.", language="fr",
+                                                             repetition_penalty=1.3))
+    assert given.sampling.repetition_penalty == 1.3
+    error = job(runner, text="Bonjour.", language="fr", top_k=40)["error"]
+    assert error == "invalid_input: top_k: the multilingual model does not use it; omit it or send 0"
+
+
+def test_an_original_voice_is_refused_naming_both_models_then_rebuilt(runner, engine,
+                                                                      multilingual_engine, tmp_path):
+    """A voice made by the original (English) model's worker, imported into a multilingual one."""
+    english = make_runner(engine, tmp_path / "english-voices")
+    audio = base64.b64encode(speech_wav(SENTENCES[0])).decode()
+    assert job(english, action="upload_voice", voice_id="narrator", audio_base64=audio)["model"] \
+        == engine.model.signature
+    exported = job(english, action="get_voice", voice_id="narrator", export=True)["voice_base64"]
+    original = parse_voice_file(base64.b64decode(exported))
+    assert original.variant == "original"
+
+    error = job(runner, action="upload_voice", voice_id="narrator", voice_base64=exported)["error"]
+    assert error.startswith("invalid_voice_file:")
+    assert "chatterbox-original-" in error and "chatterbox-multilingual-" in error
+    assert engine.model.signature in error and multilingual_engine.model.signature in error
+
+    rebuilt = job(runner, action="upload_voice", voice_id="narrator", voice_base64=exported,
+                  rebuild=True)
+    assert rebuilt["model"] == multilingual_engine.model.signature
+    stored = runner.voices.load("narrator")
+    assert stored.variant == "multilingual"
+    here = multilingual_engine.voice_from_clips(
+        [original.reference_audio.numpy().astype(np.float32) / 32767.0])
+    for name, tensor in here.tensors().items():
+        assert torch.equal(stored.conditionals.tensors()[name], tensor), name
+    spoken = job(runner, text="Guten Tag.", language="de", voice_id="narrator", seed=1)
+    assert spoken["voice_id"] == "narrator" and spoken["duration_s"] > 0
+
+    # And the other way round: the English worker refuses the multilingual voice.
+    back = job(runner, action="get_voice", voice_id="narrator", export=True)["voice_base64"]
+    error = job(english, action="upload_voice", voice_id="back", voice_base64=back)["error"]
+    assert "chatterbox-multilingual-" in error and engine.model.signature in error
+
+
+def test_health_names_the_multilingual_model(runner):
+    health = job(runner, action="health")
+    assert health["model"]["variant"] == "multilingual"
+    assert health["model"]["signature"].startswith("chatterbox-multilingual-")
