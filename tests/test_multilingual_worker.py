@@ -98,3 +98,37 @@ def test_health_names_the_multilingual_model(runner):
     health = job(runner, action="health")
     assert health["model"]["variant"] == "multilingual"
     assert health["model"]["signature"].startswith("chatterbox-multilingual-")
+
+
+def test_server_mode_speaks_the_requested_language(multilingual_engine, tmp_path):
+    """The HTTP routes take ``language`` too (OpenAI's route as an extra field)."""
+    import io
+
+    import httpx
+    import soundfile
+
+    from tests.http_server import ServedApp, service_loader
+
+    app = ServedApp({"VOICES_DIR": str(tmp_path / "voices"), "API_KEY": "k",
+                     "CHATTERBOX_VARIANT": "multilingual"}, service_loader(multilingual_engine))
+    try:
+        app.wait_ready()
+        with httpx.Client(base_url=app.url, headers={"X-API-Key": "k"}, timeout=120) as client:
+            said = {}
+            for language in ("zh", "ja"):
+                r = client.post("/v1/audio/speech", json={
+                    "model": "multilingual", "input": "你好。", "voice": "alloy",
+                    "response_format": "wav", "language": language, "seed": 2})
+                assert r.status_code == 200, r.text
+                samples, rate = soundfile.read(io.BytesIO(r.content))
+                assert rate == 24000 and len(samples) > 0
+                said[language] = r.content
+            assert said["zh"] != said["ja"]
+            r = client.post("/tts/generate", json={"text": "Γειά σου.", "language": "el",
+                                                   "format": "wav", "seed": 2})
+            assert r.status_code == 200 and len(r.content) > 44
+            r = client.post("/tts/generate", json={"text": "Hi.", "language": "xx"})
+            assert r.status_code == 400 and r.json()["code"] == "invalid_input"
+            assert "zh" in r.json()["detail"]
+    finally:
+        app.stop()

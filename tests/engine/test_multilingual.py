@@ -390,3 +390,32 @@ def test_long_chinese_is_one_take_streamed_or_not(mtl_engine):
     streamed = np.concatenate(list(mtl_engine.stream(request, max_tokens=20)))
     assert streamed.shape == whole.audio.shape
     assert np.abs(whole.audio).max() > 0
+
+
+def test_weight_sources_and_the_hub_download_follow_the_mtl_t3_setting(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from chatterbox_worker.engine.variants import weight_files
+    from chatterbox_worker.engine.weights import download_from_hub, locate_weights
+    from tests.engine.test_weights import fake_checkpoint, hub_cache
+
+    v2, v3 = weight_files("multilingual"), weight_files("multilingual", mtl_t3="v3")
+    assert "t3_mtl23ls_v2.safetensors" in v2 and "t3_mtl23ls_v3.safetensors" not in v2
+    assert "t3_mtl23ls_v3.safetensors" in v3 and "t3_mtl23ls_v2.safetensors" not in v3
+
+    asked = {}
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda **kw: asked.update(kw) or str(tmp_path))
+    download_from_hub("multilingual", None, v3)
+    assert asked["repo_id"] == "ResembleAI/chatterbox"
+    assert sorted(asked["allow_patterns"]) == sorted([*v3, "conds.pt"])
+
+    # A cached snapshot with only v2 does not serve a v3 worker: the Hub is next.
+    hub_cache(tmp_path / "cache", files=v2)
+    downloaded = fake_checkpoint(tmp_path / "download", files=v3)
+    found = locate_weights("multilingual", model_dir=None, baked_dir=tmp_path / "none",
+                           volume_hf_cache=tmp_path / "cache", hub=lambda v: downloaded, files=v3)
+    assert (found.source, found.directory, found.files) == ("hub", downloaded, v3)
+    found = locate_weights("multilingual", model_dir=None, baked_dir=tmp_path / "none",
+                           volume_hf_cache=tmp_path / "cache", hub=None, files=v2)
+    assert found.source == "volume_cache" and found.files == v2
