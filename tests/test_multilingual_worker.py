@@ -14,8 +14,9 @@ from chatterbox_worker.voices import VoiceStore, parse_voice_file
 from tests.speech import SENTENCES, speech_wav
 
 
-def make_runner(engine, voices_dir):
-    settings = load_settings({"VOICES_DIR": str(voices_dir), "CHATTERBOX_VARIANT": engine.model.variant})
+def make_runner(engine, voices_dir, **env):
+    settings = load_settings({"VOICES_DIR": str(voices_dir), "CHATTERBOX_VARIANT": engine.model.variant,
+                              **env})
     store = VoiceStore(settings.voices_dir, model_signature=engine.model.signature,
                        variant=engine.model.variant)
     return JobRunner(settings, engine, store)
@@ -92,6 +93,19 @@ def test_an_original_voice_is_refused_naming_both_models_then_rebuilt(runner, en
     back = job(runner, action="get_voice", voice_id="narrator", export=True)["voice_base64"]
     error = job(english, action="upload_voice", voice_id="back", voice_base64=back)["error"]
     assert "chatterbox-multilingual-" in error and engine.model.signature in error
+
+
+def test_chinese_is_estimated_at_its_own_speaking_rate(multilingual_engine, tmp_path):
+    """Up-front size checks count a Chinese character as more speech than a Latin letter."""
+    from chatterbox_worker.jobs import estimated_audio_bytes
+
+    text = "你好，今天天气真不错。" * 6  # 66 characters: ~15 s of Mandarin, ~6 s at Latin rates
+    limit = 500_000  # 24 kHz 16-bit WAV: about 10 s
+    assert estimated_audio_bytes(text, "wav", 24000, "de") < limit < estimated_audio_bytes(
+        text, "wav", 24000, "zh")
+    runner = make_runner(multilingual_engine, tmp_path / "voices", INLINE_MAX_BYTES=str(limit))
+    error = job(runner, text=text, language="zh")["error"]
+    assert error.startswith("output_too_large: about ")
 
 
 def test_health_names_the_multilingual_model(runner):
