@@ -103,9 +103,13 @@ class MultilingualTokenizer:
         if _has_module("pykakasi"):
             self.steps["ja"] = self._kana
         missing = [code for code in MULTILINGUAL_LANGUAGES if f"[{code}]" not in vocab]
+        if len(missing) == len(MULTILINGUAL_LANGUAGES):  # another model's tokenizer
+            raise ConfigError(f"{vocab_path.name} has no language token (e.g. [{missing[0]}]): "
+                              f"not the multilingual model's tokenizer")
         if missing:
-            raise ConfigError(f"{vocab_path.name} has no language token for "
-                              f"{', '.join(missing)} (e.g. [{missing[0]}])")
+            # Upstream still prepends the tag, spelled out letter by letter.
+            log.warning("%s has no language token for %s; those languages get the tag as "
+                        "letters, as upstream does", vocab_path.name, ", ".join(missing))
 
     def _kana(self, text: str) -> str:
         from chatterbox.models.tokenizers.tokenizer import hiragana_normalize
