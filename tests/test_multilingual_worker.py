@@ -95,6 +95,22 @@ def test_an_original_voice_is_refused_naming_both_models_then_rebuilt(runner, en
     assert "chatterbox-multilingual-" in error and engine.model.signature in error
 
 
+def test_switching_an_endpoint_to_multilingual_rebuilds_its_voices_in_one_job(engine,
+                                                                            multilingual_engine,
+                                                                            tmp_path):
+    """The voices directory of an English endpoint, served by a multilingual worker."""
+    voices = tmp_path / "voices"
+    english = make_runner(engine, voices)
+    audio = base64.b64encode(speech_wav(SENTENCES[2])).decode()
+    job(english, action="upload_voice", voice_id="anna", audio_base64=audio)
+    switched = make_runner(multilingual_engine, voices)
+    assert job(switched, text="Hej.", language="sv", voice_id="anna")["error"].startswith(
+        "invalid_voice_file:")
+    answer = job(switched, action="rebuild_voices")
+    assert answer["model"] == multilingual_engine.model.signature and answer["rebuilt"] == ["anna"]
+    assert job(switched, text="Hej.", language="sv", voice_id="anna", seed=1)["duration_s"] > 0
+
+
 def test_chinese_is_estimated_at_its_own_speaking_rate(multilingual_engine, tmp_path):
     """Up-front size checks count a Chinese character as more speech than a Latin letter."""
     from chatterbox_worker.jobs import estimated_audio_bytes
