@@ -25,10 +25,9 @@ from typing import Callable, Dict
 import torch
 
 from ..errors import ConfigError, reason
+from .variants import MULTILINGUAL_LANGUAGES, MULTILINGUAL_T3_FILES as T3_FILES
 
 log = logging.getLogger(__name__)
-
-from .variants import MULTILINGUAL_LANGUAGES, MULTILINGUAL_T3_FILES as T3_FILES
 
 TOKENIZER_FILE = "grapheme_mtl_merged_expanded_v1.json"
 CANGJIE_FILE = "Cangjie5_TC.json"
@@ -101,7 +100,12 @@ class MultilingualTokenizer:
             "ko": korean_normalize,
         }
         if _has_module("pykakasi"):
-            self.steps["ja"] = self._kana
+            try:
+                self._kana("日本")  # builds the converter now, not in the first Japanese job
+                self.steps["ja"] = self._kana
+            except Exception as exc:  # a broken install: Japanese is then read as written
+                log.warning("pykakasi does not work here (%s): Japanese kanji reach the model "
+                            "as written", reason(exc, 120))
         missing = [code for code in MULTILINGUAL_LANGUAGES if f"[{code}]" not in vocab]
         if len(missing) == len(MULTILINGUAL_LANGUAGES):  # another model's tokenizer
             raise ConfigError(f"{vocab_path.name} has no language token (e.g. [{missing[0]}]): "
@@ -185,8 +189,8 @@ def t3_file_of(source) -> str:
 
 
 def load_multilingual(source, *, device: str, t3_dtype: str = "float32"):
-    """Upstream's multilingual modules with ``source`` loaded into them (``ChatterboxMultilingualTTS.from_local``'s
-    files); ``ConfigError`` on any mismatch."""
+    """Upstream's multilingual modules with ``source`` loaded into them (the files
+    ``ChatterboxMultilingualTTS.from_local`` reads); ``ConfigError`` on any mismatch."""
     from .architecture import build_s3gen, build_t3, build_voice_encoder
     from .model import (ChatterboxModel, _load_safetensors, _load_state, load_builtin_voice,
                         load_sizes, model_signature, set_t3_format)

@@ -137,4 +137,5 @@ def weight_files(name: str, *, mtl_t3: str = "v2") -> Tuple[str, ...]:
     return tuple(chosen if f == default else f for f in files)
 
 
-__all__ = ["MULTILINGUAL_LANGUAGES", "MULTILINGUAL_T3_FILES", "weight_files", "SAMPLING_FIELDS", "VARIANTS", "Variant", "variant"]
+__all__ = ["MULTILINGUAL_LANGUAGES", "MULTILINGUAL_T3_FILES", "SAMPLING_FIELDS", "VARIANTS", "Variant",
+           "variant", "weight_files"]
