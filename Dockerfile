@@ -29,10 +29,12 @@ librosa.resample(a, orig_sr=24000, target_sr=16000); librosa.effects.trim(a); li
 COPY chatterbox_worker ./chatterbox_worker
 COPY builder ./builder
 ARG VARIANT=original
+# multilingual only: v3 bakes t3_mtl23ls_v3.safetensors (run with CHATTERBOX_MTL_T3=v3)
+ARG MTL_T3=v2
 ARG BAKE_WEIGHTS=1
 RUN mkdir -p /opt/chatterbox/weights \
  && if [ "$BAKE_WEIGHTS" = "1" ]; then \
-      python builder/fetch_models.py --variant "$VARIANT" --dest /opt/chatterbox/weights; \
+      python builder/fetch_models.py --variant "$VARIANT" --mtl-t3 "$MTL_T3" --dest /opt/chatterbox/weights; \
     fi
 
 FROM ${PYTHON_IMAGE}
@@ -41,12 +43,14 @@ ARG BAKE_WEIGHTS=1
 # asking for another would find none offline). CHATTERBOX_VARIANT at run time
 # still overrides it (with BAKE_WEIGHTS=0, or HF_HUB_OFFLINE=0 to download).
 ARG VARIANT=original
+# multilingual: which T3 weights were baked, served by default too.
+ARG MTL_T3=v2
 # The account the worker runs as; root keeps root (also settable at run time).
 ARG WORKER_USER=worker
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 \
     CHATTERBOX_BAKED_DIR=/opt/chatterbox/weights CHATTERBOX_VARIANT=${VARIANT} \
     HF_HOME=/tmp/hf-home NUMBA_CACHE_DIR=/opt/numba-cache NUMBA_CPU_NAME=generic \
-    HF_HUB_OFFLINE=${BAKE_WEIGHTS} WORKER_USER=${WORKER_USER}
+    HF_HUB_OFFLINE=${BAKE_WEIGHTS} WORKER_USER=${WORKER_USER} CHATTERBOX_MTL_T3=${MTL_T3}
 RUN useradd --create-home --uid 1000 worker \
  && mkdir -p /app/voices /app/output \
  && chown worker:worker /app/voices /app/output

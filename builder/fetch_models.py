@@ -1,6 +1,7 @@
 """Bake the model weights into the image (run by the Dockerfile's builder stage).
 
     python builder/fetch_models.py --variant original --dest /opt/chatterbox/weights
+    python builder/fetch_models.py --variant multilingual --mtl-t3 v3 --dest ...
 
 Downloads only the files the variant loads, then checks each against the size
 and SHA-256 that the Hub reports for it, so a truncated or corrupted download
@@ -17,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from chatterbox_worker.engine.variants import variant as variant_spec  # noqa: E402
+from chatterbox_worker.engine.variants import variant as variant_spec, weight_files  # noqa: E402
 
 
 def sha256_of(path: Path) -> str:
@@ -28,14 +29,14 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def fetch(variant: str, dest: Path, revision: str | None = None) -> None:
+def fetch(variant: str, dest: Path, revision: str | None = None, mtl_t3: str = "v2") -> None:
     from huggingface_hub import HfApi, hf_hub_download
 
     spec = variant_spec(variant)
     repo = spec.hub_repo
     info = HfApi().model_info(repo, revision=revision, files_metadata=True)
     listed = {s.rfilename: s for s in info.siblings}
-    wanted = list(spec.required_files) + [f for f in spec.optional_files if f in listed]
+    wanted = list(weight_files(variant, mtl_t3=mtl_t3)) + [f for f in spec.optional_files if f in listed]
     dest.mkdir(parents=True, exist_ok=True)
     for name in wanted:
         if name not in listed:
@@ -58,8 +59,10 @@ def main() -> int:
     parser.add_argument("--variant", default="original")
     parser.add_argument("--dest", type=Path, default=Path("/opt/chatterbox/weights"))
     parser.add_argument("--revision", default=None, help="Hub commit to pin (default: main)")
+    parser.add_argument("--mtl-t3", choices=("v2", "v3"), default="v2",
+                        help="multilingual: which T3 weights to bake (CHATTERBOX_MTL_T3 must match)")
     args = parser.parse_args()
-    fetch(args.variant, args.dest, args.revision)
+    fetch(args.variant, args.dest, args.revision, args.mtl_t3)
     return 0
 
 

@@ -32,6 +32,7 @@ DEFAULT_CUDA_CONCURRENCY = 8
 # (setting name, environment variable). Order is the order of the README table.
 ENVIRONMENT = {
     "variant": "CHATTERBOX_VARIANT",
+    "mtl_t3": "CHATTERBOX_MTL_T3",
     "model_dir": "CHATTERBOX_MODEL_DIR",
     "baked_model_dir": "CHATTERBOX_BAKED_DIR",
     "volume_hf_cache": "CHATTERBOX_VOLUME_HF_CACHE",
@@ -85,6 +86,9 @@ class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     variant: Literal["original", "turbo", "multilingual"] = "original"
+    # The multilingual model's T3 weights: v2 (what chatterbox-tts 0.1.7 loads)
+    # or v3 (newer upstream's checkpoint, same architecture). Others ignore it.
+    mtl_t3: Literal["v2", "v3"] = "v2"
     model_dir: Optional[Path] = None
     baked_model_dir: Path = Path("/opt/chatterbox/weights")
     volume_hf_cache: Path = RUNPOD_VOLUME / "huggingface-cache" / "hub"

@@ -119,13 +119,19 @@ def save_builtin_voice(model, directory: Path, *, seed: int, exaggeration: float
 
 
 # Variant name -> writer(directory, seed=, sizes=): the variant's files, random weights.
+def write_multilingual(directory: Path, *, seed: int, sizes: ModelSizes) -> None:
+    from .tiny_multilingual import write_multilingual_checkpoint
+
+    write_multilingual_checkpoint(directory, seed=seed, sizes=sizes)
+
+
 def _write_turbo(directory: Path, *, seed: int, sizes: ModelSizes) -> None:
     from .tiny_turbo import write_checkpoint as write_turbo
 
     write_turbo(directory, seed=seed, sizes=sizes)
 
 
-WRITERS = {"original": write_original, "turbo": _write_turbo}
+WRITERS = {"original": write_original, "multilingual": write_multilingual, "turbo": _write_turbo}
 
 
 def spread_weights(module: torch.nn.Module, gain: float = 2.0) -> None:

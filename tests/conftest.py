@@ -66,6 +66,25 @@ def turbo_engine(turbo_settings_env):
 
 
 @pytest.fixture(scope="session")
+def multilingual_checkpoint(tmp_path_factory) -> Path:
+    """A random multilingual checkpoint in upstream's layout (seed 0), shared by the session."""
+    from chatterbox_worker.tiny_multilingual import write_multilingual_checkpoint
+
+    return write_multilingual_checkpoint(tmp_path_factory.mktemp("tiny-mtl-seed0"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def multilingual_engine(multilingual_checkpoint):
+    """A warm engine on the tiny multilingual checkpoint (CHATTERBOX_VARIANT=multilingual)."""
+    from chatterbox_worker.config import load_settings
+    from chatterbox_worker.engine import load_engine
+
+    return load_engine(load_settings({"CHATTERBOX_VARIANT": "multilingual",
+                                      "CHATTERBOX_MODEL_DIR": str(multilingual_checkpoint),
+                                      "CHATTERBOX_WARMUP": "0"}))
+
+
+@pytest.fixture(scope="session")
 def settings_env(tiny_checkpoint, tmp_path_factory) -> dict:
     """Environment for a worker on the tiny checkpoint with its own voices directory."""
     return {"CHATTERBOX_MODEL_DIR": str(tiny_checkpoint),

@@ -20,7 +20,7 @@ def service_loader(engine, gate: threading.Event = None):
         if gate is not None:
             gate.wait(60)
         store = VoiceStore(settings.voices_dir, model_signature=engine.model.signature,
-                           variant="original")
+                           variant=engine.model.variant)
         return Service(settings, engine, store)
     return load
 

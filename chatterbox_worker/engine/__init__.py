@@ -16,7 +16,7 @@ from .quiet import filter_third_party_warnings
 from .decode import SamplingParams
 from .synthesis import Cancelled, Engine, Synthesis, SynthesisRequest
 from .vocoder import StreamSchedule
-from .variants import variant as variant_spec
+from .variants import variant as variant_spec, weight_files
 from .weights import locate_weights
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,8 @@ def load_engine(settings: Settings) -> Engine:
                     "newer (CUDA 13.0); set CHATTERBOX_DEVICE=cuda to fail instead")
     source = locate_weights(settings.variant, model_dir=settings.model_dir,
                             baked_dir=settings.baked_model_dir,
-                            volume_hf_cache=settings.volume_hf_cache)
+                            volume_hf_cache=settings.volume_hf_cache,
+                            files=weight_files(settings.variant, mtl_t3=settings.mtl_t3))
     model = load_model(source, variant=settings.variant, device=device,
                        t3_dtype=settings.resolved_dtype)
     flow_steps = settings.flow_steps or variant_spec(settings.variant).flow_steps

@@ -71,15 +71,16 @@ TINY = ModelSizes(
 )
 
 
-def build_t3(sizes: ModelSizes):
+def build_t3(sizes: ModelSizes, *, multilingual: bool = False):
+    """T3 of the original model, or of the multilingual one (2454 text tokens, same backbone)."""
     from chatterbox.models.t3 import T3
     from chatterbox.models.t3.llama_configs import LLAMA_CONFIGS
     from chatterbox.models.t3.modules.perceiver import Perceiver
     from chatterbox.models.t3.modules.t3_config import T3Config
 
+    hp = T3Config.multilingual() if multilingual else T3Config.english_only()
     if sizes.is_released:
-        return T3()
-    hp = T3Config.english_only()
+        return T3(hp)
     # T3 reads its backbone shape from upstream's table by name; a shrunk
     # checkpoint gets an entry of its own, keyed by its sizes.
     name = f"worker_llama_{sizes.t3_hidden}x{sizes.t3_layers}x{sizes.t3_heads}"

@@ -12,7 +12,7 @@ import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
@@ -24,15 +24,17 @@ from .weights import WeightSource, required_files
 log = logging.getLogger(__name__)
 
 
-def model_signature(variant: str, directory: Path) -> str:
+def model_signature(variant: str, directory: Path, files: Sequence[str] = ()) -> str:
     """A short id of exactly these weights, cheap to compute on multi-GB files.
 
     Hashes each weight file's name, size, and first and last MiB (safetensors
     files start with a header listing every tensor's shape and offset), so two
     checkpoints of one layout but other weights get other signatures.
+    ``files``: the weight files loaded, when not the variant's default set
+    (``WeightSource.files``).
     """
     digest = hashlib.sha256(variant.encode())
-    for name in required_files(variant):
+    for name in files or required_files(variant):
         path = directory / name
         size = path.stat().st_size
         digest.update(f"{name}:{size}".encode())
@@ -224,6 +226,15 @@ def load_original(source: WeightSource, *, device: str, t3_dtype: str) -> Chatte
 # Variant name -> loader(source, device=, t3_dtype=) -> ChatterboxModel.
 LOADERS: Dict[str, Callable[..., ChatterboxModel]] = {"original": load_original,
                                                        "turbo": load_turbo}
+
+
+def _load_multilingual(source: WeightSource, *, device: str, t3_dtype: str) -> ChatterboxModel:
+    from .multilingual import load_multilingual
+
+    return load_multilingual(source, device=device, t3_dtype=t3_dtype)
+
+
+LOADERS["multilingual"] = _load_multilingual
 
 
 __all__ = ["ChatterboxModel", "EnglishText", "LOADERS", "load_builtin_voice", "load_model",

@@ -202,7 +202,7 @@ class Engine:
         """
         t3_cond, _ = request.voice.for_request(request.exaggeration)
         text_tokens = text_tokens_for(self.model, piece, request.language)
-        budget = max_tokens or token_budget(piece)
+        budget = max_tokens or token_budget(piece, request.language)
         return self.scheduler.submit(DecodeRequest(t3_cond=t3_cond, text_tokens=text_tokens,
                                                    params=request.sampling, max_new_tokens=budget,
                                                    generator=generator))

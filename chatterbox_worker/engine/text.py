@@ -3,6 +3,10 @@
 Chatterbox drifts into gibberish past roughly 350 characters per call, so long
 text is cut at sentence ends into pieces of at most ``MAX_PIECE_CHARS``;
 a sentence longer than that is cut at clause punctuation, then between words.
+Sentence and clause ends of the multilingual model's scripts count too (CJK
+。！？ and ，、；：, Arabic ؟ ، ؛, Devanagari । ॥); Chinese and Japanese
+pieces are packed without spaces, and a character of Chinese, Japanese or
+Korean, a syllable or more of speech, gets a longer share of the budget.
 """
 
 from __future__ import annotations
@@ -21,17 +25,30 @@ SLOW_CHARS_PER_SECOND = 7.0
 # Upstream's fixed cap (40 s of audio); the learned position table allows 4096.
 MAX_TOKENS_PER_PIECE = 1000
 
+# Written without spaces between words or sentences: pieces are joined with none.
+UNSPACED_LANGUAGES = ("zh", "ja")
+# Slowest plausible rates where a character is a syllable or more (Mandarin
+# runs at 4-5 characters a second, Japanese and Korean at 5-7), and the
+# piece limit that keeps their pieces within the per-piece token cap.
+SLOW_CHARS_PER_SECOND_BY_LANGUAGE = {"zh": 3.0, "ja": 3.5, "ko": 3.5}
+DENSE_PIECE_CHARS = 100
+
 _SENTENCE_END = re.compile(r"(?<=[.!?…])[\"')\]]*\s+")
-_CLAUSE_END = re.compile(r"(?<=[,;:—–])\s+")
+# The other scripts' sentence ends, spaces after them optional; a closing
+# quote or bracket right after one stays with its sentence.
+_ENDERS, _CLOSERS = "。！？؟।॥", r"」』）〕】”’\"')\]"
+_WIDE_SENTENCE_END = re.compile(rf"(?:(?<=[{_ENDERS}])(?![{_CLOSERS}])|(?<=[{_ENDERS}][{_CLOSERS}]))\s*")
+_CLAUSE_END = re.compile(r"(?<=[,;:—–])\s+|(?<=[，、；：،؛])\s*")
 
 
-def token_budget(piece: str) -> int:
+def token_budget(piece: str, language: str = "en") -> int:
     """Most speech tokens one piece may produce: enough for slow speech, never a runaway.
 
     A model that misses its stop token (or a random-weights one that never
     emits it) stops here instead of hallucinating for upstream's 40 seconds.
     """
-    seconds = 1.0 + len(piece) / SLOW_CHARS_PER_SECOND
+    rate = SLOW_CHARS_PER_SECOND_BY_LANGUAGE.get(language, SLOW_CHARS_PER_SECOND)
+    seconds = 1.0 + len(piece) / rate
     return min(MAX_TOKENS_PER_PIECE, max(TOKENS_PER_SECOND, math.ceil(seconds * TOKENS_PER_SECOND)))
 
 
@@ -62,18 +79,22 @@ def split_text(text: str, limit: int = MAX_PIECE_CHARS, language: str = "en") ->
     text = " ".join(text.split())
     if not text:
         return []
+    if language in SLOW_CHARS_PER_SECOND_BY_LANGUAGE:
+        limit = min(limit, DENSE_PIECE_CHARS)
     sentences: List[str] = []
-    for sentence in _SENTENCE_END.split(text):
-        sentence = sentence.strip()
-        if not sentence:
-            continue
-        sentences.extend(_split_long(sentence, limit) if len(sentence) > limit else [sentence])
+    for part in _SENTENCE_END.split(text):
+        for sentence in _WIDE_SENTENCE_END.split(part):
+            sentence = sentence.strip()
+            if not sentence:
+                continue
+            sentences.extend(_split_long(sentence, limit) if len(sentence) > limit else [sentence])
+    space = "" if language in UNSPACED_LANGUAGES else " "
     pieces: List[str] = []
     for sentence in sentences:
         # Pack whole sentences together while they fit: fewer, longer pieces
         # keep prosody across sentences and cost fewer model calls.
-        if pieces and len(pieces[-1]) + 1 + len(sentence) <= limit:
-            pieces[-1] = pieces[-1] + " " + sentence
+        if pieces and len(pieces[-1]) + len(space) + len(sentence) <= limit:
+            pieces[-1] = pieces[-1] + space + sentence
         else:
             pieces.append(sentence)
     return pieces

@@ -29,6 +29,11 @@ MULTILINGUAL_LANGUAGES = ("ar", "da", "de", "el", "en", "es", "fi", "fr", "he", 
                          "ko", "ms", "nl", "no", "pl", "pt", "ru", "sv", "sw", "tr", "zh")
 
 
+# CHATTERBOX_MTL_T3 -> the multilingual T3 weights file: v2 is what 0.1.7
+# loads; v3 is newer upstream's opt-in checkpoint of the same architecture.
+MULTILINGUAL_T3_FILES = {"v2": "t3_mtl23ls_v2.safetensors", "v3": "t3_mtl23ls_v3.safetensors"}
+
+
 def _frozen(values: Mapping) -> Mapping:
     return MappingProxyType(dict(values))
 
@@ -104,7 +109,6 @@ VARIANTS: Mapping[str, Variant] = _frozen({
         languages=MULTILINGUAL_LANGUAGES,
         ignored=_frozen({"top_k": 0}),
         limits=_frozen({"exaggeration": (0.25, 2.0)}),
-        served=False,
     ),
     "turbo": Variant(
         name="turbo", title="turbo", hub_repo="ResembleAI/chatterbox-turbo",
@@ -133,4 +137,15 @@ def variant(name: str) -> Variant:
     return spec
 
 
-__all__ = ["MULTILINGUAL_LANGUAGES", "SAMPLING_FIELDS", "VARIANTS", "Variant", "variant"]
+def weight_files(name: str, *, mtl_t3: str = "v2") -> Tuple[str, ...]:
+    """The files variant ``name`` loads: its required files, with the multilingual
+    T3 file that ``CHATTERBOX_MTL_T3`` (``mtl_t3``) picks."""
+    files = variant(name).required_files
+    if name != "multilingual":
+        return files
+    default, chosen = MULTILINGUAL_T3_FILES["v2"], MULTILINGUAL_T3_FILES[mtl_t3]
+    return tuple(chosen if f == default else f for f in files)
+
+
+__all__ = ["MULTILINGUAL_LANGUAGES", "MULTILINGUAL_T3_FILES", "SAMPLING_FIELDS", "VARIANTS", "Variant",
+           "variant", "weight_files"]

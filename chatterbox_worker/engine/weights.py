@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from ..errors import ConfigError, reason
 
@@ -29,6 +29,8 @@ HUB_REPO = "ResembleAI/chatterbox"
 class WeightSource:
     directory: Path
     source: str  # "model_dir", "baked", "volume_cache", "hub"
+    # The weight files it was chosen for; empty: the variant's required files.
+    files: Tuple[str, ...] = ()
 
 
 def required_files(variant: str) -> Sequence[str]:
@@ -61,7 +63,8 @@ def _hub_cache_snapshot(cache_dir: Path, repo: str, names: Sequence[str]) -> Opt
     return None
 
 
-def download_from_hub(variant: str, cache_dir: Optional[Path] = None) -> Path:
+def download_from_hub(variant: str, cache_dir: Optional[Path] = None,
+                      files: Optional[Sequence[str]] = None) -> Path:
     """Fetch the variant's files from the Hub; returns the local snapshot directory.
 
     With ``cache_dir`` (the network volume's Hugging Face cache, when it can be
@@ -69,7 +72,7 @@ def download_from_hub(variant: str, cache_dir: Optional[Path] = None) -> Path:
     from huggingface_hub import snapshot_download
 
     spec = variant_spec(variant)
-    patterns = list(spec.required_files) + list(spec.optional_files)
+    patterns = list(files or spec.required_files) + list(spec.optional_files)
     return Path(snapshot_download(repo_id=spec.hub_repo, allow_patterns=patterns,
                                   cache_dir=str(cache_dir) if cache_dir else None))
 
@@ -84,30 +87,34 @@ def _writable_cache(cache_dir: Path) -> Optional[Path]:
 
 def locate_weights(variant: str, *, model_dir: Optional[Path], baked_dir: Path,
                    volume_hf_cache: Path,
-                   hub: Optional[Callable[[str], Path]] = None) -> WeightSource:
-    """Find the first usable weight source, or raise ``ConfigError`` naming all that were tried."""
-    names = required_files(variant)
+                   hub: Optional[Callable[[str], Path]] = None,
+                   files: Optional[Sequence[str]] = None) -> WeightSource:
+    """Find the first usable weight source, or raise ``ConfigError`` naming all that were tried.
+
+    ``files``: the weight files to look for when a setting changes the
+    variant's set (``variants.weight_files``); the source records them."""
+    names = tuple(files) if files else tuple(required_files(variant))
     repo = variant_spec(variant).hub_repo
     tried = []
     if model_dir is not None:
         missing = _missing(Path(model_dir), names)
         if not missing:
-            return WeightSource(Path(model_dir), "model_dir")
+            return WeightSource(Path(model_dir), "model_dir", names)
         # An explicit directory is the operator's choice: never fall back past it.
         raise ConfigError(f"CHATTERBOX_MODEL_DIR={model_dir} is not a complete {variant!r} checkpoint: "
                           f"missing {', '.join(missing)}")
     if not _missing(baked_dir, names):
-        return WeightSource(baked_dir, "baked")
+        return WeightSource(baked_dir, "baked", names)
     tried.append(f"image ({baked_dir}): not there")
     snapshot = _hub_cache_snapshot(volume_hf_cache, repo, names)
     if snapshot is not None:
-        return WeightSource(snapshot, "volume_cache")
+        return WeightSource(snapshot, "volume_cache", names)
     tried.append(f"volume cache ({volume_hf_cache}): no complete {repo} snapshot")
     if hub is None:
         # Download into the volume's cache when a volume is attached (its root,
         # two levels up, exists) and writable: later cold workers find it there.
         cache = _writable_cache(volume_hf_cache) if volume_hf_cache.parent.parent.is_dir() else None
-        hub = lambda v: download_from_hub(v, cache)  # noqa: E731
+        hub = lambda v: download_from_hub(v, cache, names)  # noqa: E731
     try:
         directory = hub(variant)
     except Exception as exc:  # any Hub failure: offline, auth, rate limit
@@ -117,4 +124,4 @@ def locate_weights(variant: str, *, model_dir: Optional[Path], baked_dir: Path,
     if missing:
         tried.append(f"Hugging Face Hub ({repo}): download lacks {', '.join(missing)}")
         raise ConfigError("no model weights found; tried " + "; ".join(tried))
-    return WeightSource(directory, "hub")
+    return WeightSource(directory, "hub", names)

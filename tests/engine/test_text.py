@@ -1,5 +1,5 @@
-from chatterbox_worker.engine.text import (MAX_PIECE_CHARS, MAX_TOKENS_PER_PIECE, split_text,
-                                           token_budget)
+from chatterbox_worker.engine.text import (DENSE_PIECE_CHARS, MAX_PIECE_CHARS, MAX_TOKENS_PER_PIECE,
+                                           split_text, token_budget)
 
 
 def test_short_text_is_one_piece():
@@ -32,6 +32,33 @@ def test_token_budget_grows_with_text_and_is_capped():
     text = "x" * 140
     assert token_budget(text) >= 25 * 140 / 14
     assert token_budget("y" * 5000) == MAX_TOKENS_PER_PIECE
+
+
+def test_chinese_and_japanese_split_at_their_full_stops_and_pack_without_spaces():
+    text = "你好，今天天气真不错。我们明天见！「你好。」他说。" * 6
+    pieces = split_text(text, language="zh")
+    assert "".join(pieces) == text  # nothing lost, no space added
+    assert all(p.endswith(("。", "！", "」")) for p in pieces)  # only at sentence ends
+    assert all(len(p) <= DENSE_PIECE_CHARS for p in pieces) and len(pieces) > 1
+    assert split_text("今日は良い天気です。明日も晴れるでしょう！", 12, "ja") == [
+        "今日は良い天気です。", "明日も晴れるでしょう！"]
+
+
+def test_arabic_and_hindi_split_at_their_question_marks_and_dandas():
+    assert split_text("مرحبا بالعالم؟ كيف حالك؟ أنا بخير.", 16, "ar") == [
+        "مرحبا بالعالم؟", "كيف حالك؟", "أنا بخير."]
+    assert split_text("नमस्ते दुनिया। आप कैसे हैं? मैं ठीक हूँ॥", 16, "hi") == [
+        "नमस्ते दुनिया।", "आप कैसे हैं?", "मैं ठीक हूँ॥"]
+    # Clause marks of these scripts cut an over-long sentence before words do.
+    long_ar = "، ".join(["كلمة أخرى هنا"] * 40) + "."
+    assert all(p.endswith(("،", ".")) for p in split_text(long_ar, 60, "ar"))
+
+
+def test_a_dense_script_character_gets_more_time():
+    piece = "字" * 100
+    assert token_budget(piece, "zh") > token_budget(piece, "en") * 2
+    assert token_budget(piece, "zh") <= MAX_TOKENS_PER_PIECE
+    assert token_budget("Hi.", "fr") == token_budget("Hi.")  # alphabetic scripts: unchanged
 
 
 def test_a_long_sentence_is_never_cut_inside_a_bracketed_tag():
