@@ -153,6 +153,12 @@ class VoiceLibrary:
             # the clip the voice's prompt came from, so its first minute is
             # the best single clip to rebuild from.
             clip = self._reference_audio(voice)[: int(reference.MAX_SECONDS * reference.SAMPLE_RATE)]
+            spec = self.engine.variant
+            if len(clip) <= spec.min_reference_s * reference.SAMPLE_RATE:
+                raise InvalidVoiceFile(
+                    f"the voice file's reference audio is {len(clip) / reference.SAMPLE_RATE:.1f} s "
+                    f"long; the {spec.title} model needs more than {spec.min_reference_s:g} s to "
+                    f"rebuild from")
             conditionals = self.engine.voice_from_clips([clip])
         else:
             raise InvalidVoiceFile(

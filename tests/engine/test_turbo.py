@@ -494,3 +494,30 @@ def test_mean_flow_calls_batch_like_the_original_vocoders(turbo_engine):
         assert a.shape == b.shape == (1, 80, 40)
         assert torch.allclose(a, b, rtol=0, atol=1e-4), (a - b).abs().max()
     assert not torch.allclose(together[0], together[1], atol=1e-2)
+
+
+def test_a_voice_of_another_model_is_rebuilt_for_turbo_only_from_more_than_5_s(engine, turbo_engine,
+                                                                              tmp_path):
+    """rebuild: true remakes an original-model voice for turbo from its stored reference audio,
+    which must then be longer than turbo's 5 s (the original model took 4 s)."""
+    from chatterbox_worker.errors import InvalidVoiceFile
+    from chatterbox_worker.tiny_model import synthetic_reference
+    from chatterbox_worker.voice_library import VoiceLibrary
+    from chatterbox_worker.voices import VoiceStore, parse_voice_file, voice_file_bytes
+
+    library = VoiceLibrary(turbo_engine, VoiceStore(tmp_path, model_signature=turbo_engine.model.signature,
+                                                    variant="turbo"))
+
+    def original_voice(seconds):
+        clip = synthetic_reference(seconds=seconds, seed=6)
+        data = voice_file_bytes("v", engine.voice_from_clips([clip]), model=engine.model.signature,
+                                variant="original", reference_audio=clip, reference_sample_rate=24000)
+        return parse_voice_file(data)
+
+    with pytest.raises(InvalidVoiceFile, match=r"is 4.0 s long; the turbo model needs more than 5 s"):
+        library._import("short", original_voice(4.0), rebuild=True)
+    rebuilt = parse_voice_file(library._import("long", original_voice(6.0), rebuild=True))
+    assert rebuilt.model == turbo_engine.model.signature and rebuilt.variant == "turbo"
+    assert torch.equal(rebuilt.conditionals.cond_prompt_speech_tokens,
+                       turbo_engine.voice_from_clips([synthetic_reference(seconds=6.0, seed=6)])
+                       .cond_prompt_speech_tokens)
