@@ -36,7 +36,8 @@ class SamplingParams:
 
 
 def text_tokens_for(model, text: str, language: str = "en") -> torch.Tensor:
-    """(1, L) token ids of ``text`` with T3's start/stop text tokens around them.
+    """(1, L) token ids of ``text`` as the variant's upstream builds them: T3's start/stop text
+    tokens around them (turbo's upstream adds none).
 
     The variant's own normalisation and tokenizer (``ChatterboxModel.text_encoder``)."""
     return model.text_encoder(text, language).to(model.device)
