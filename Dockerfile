@@ -39,9 +39,11 @@ RUN mkdir -p /opt/chatterbox/weights \
 
 FROM ${PYTHON_IMAGE}
 ARG BAKE_WEIGHTS=1
-# The model the image serves: the one whose weights were baked (a worker
-# asking for another would find none offline). CHATTERBOX_VARIANT at run time
-# still overrides it (with BAKE_WEIGHTS=0, or HF_HUB_OFFLINE=0 to download).
+# The model the image serves by default: the one whose weights were baked.
+# CHATTERBOX_VARIANT at run time still picks another (the RunPod Hub's model
+# choice): its weights then come from the volume's cache or, once, the Hub.
+# A worker serving the baked model never reaches the Hub (the baked copy is
+# the first source it tries), so the network is not switched off here.
 ARG VARIANT=original
 # multilingual: which T3 weights were baked, served by default too.
 ARG MTL_T3=v2
@@ -50,7 +52,7 @@ ARG WORKER_USER=worker
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 \
     CHATTERBOX_BAKED_DIR=/opt/chatterbox/weights CHATTERBOX_VARIANT=${VARIANT} \
     HF_HOME=/tmp/hf-home NUMBA_CACHE_DIR=/opt/numba-cache NUMBA_CPU_NAME=generic \
-    HF_HUB_OFFLINE=${BAKE_WEIGHTS} WORKER_USER=${WORKER_USER} CHATTERBOX_MTL_T3=${MTL_T3}
+    HF_HUB_DISABLE_TELEMETRY=1 WORKER_USER=${WORKER_USER} CHATTERBOX_MTL_T3=${MTL_T3}
 RUN useradd --create-home --uid 1000 worker \
  && mkdir -p /app/voices /app/output \
  && chown worker:worker /app/voices /app/output

@@ -41,12 +41,19 @@ if [ -n "$voices" ]; then
     own_dir "$voices" "voice uploads will fail with storage_unavailable"
 fi
 
-# Without baked weights the first worker downloads them into the volume's
-# Hugging Face cache for the next ones; only a cache that does not exist yet is
-# created (RunPod's cached models are read as they are).
+# Without baked weights of the model it serves (none baked, or another model
+# baked than CHATTERBOX_VARIANT asks for), the first worker downloads them into
+# the volume's Hugging Face cache for the next ones; only a cache that does not
+# exist yet is created (RunPod's cached models are read as they are).
 hf_cache=${CHATTERBOX_VOLUME_HF_CACHE:-$volume/huggingface-cache/hub}
+baked=${CHATTERBOX_BAKED_DIR:-/opt/chatterbox/weights}
+baked_variant=$(cat "$baked/VARIANT" 2>/dev/null || echo original)
+serves_baked=no
+if [ -f "$baked/REVISION" ] && [ "$baked_variant" = "${CHATTERBOX_VARIANT:-original}" ]; then
+    serves_baked=yes
+fi
 if [ -z "${CHATTERBOX_MODEL_DIR:-}" ] && [ -d "$volume" ] && [ ! -e "$hf_cache" ] \
-   && [ ! -f "${CHATTERBOX_BAKED_DIR:-/opt/chatterbox/weights}/REVISION" ]; then
+   && [ "$serves_baked" = no ]; then
     own_dir "$hf_cache" "downloaded weights will not be kept for the next worker"
 fi
 

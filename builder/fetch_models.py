@@ -52,6 +52,9 @@ def fetch(variant: str, dest: Path, revision: str | None = None, mtl_t3: str = "
             raise SystemExit(f"{name}: SHA-256 differs from the Hub's")
         print(f"fetched {name} ({target.stat().st_size} bytes, verified)")
     (dest / "REVISION").write_text(f"{repo}@{info.sha}\n")
+    # Which model was baked: the entrypoint prepares the volume's download
+    # cache when the worker is asked to serve another one.
+    (dest / "VARIANT").write_text(f"{variant}\n")
 
 
 def main() -> int:
