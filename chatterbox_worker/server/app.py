@@ -119,7 +119,7 @@ class State:
     def batch_size(self) -> int:
         """Requests in the engine's current decode step (0 before the first one)."""
         engine = self.service.engine if self.service is not None else None
-        if engine is None or engine.decoder_kind == "single":
+        if engine is None:
             return 0
         return engine.scheduler.active
 
