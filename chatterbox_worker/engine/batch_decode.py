@@ -79,21 +79,21 @@ class _Sequence:
         self.logits: Optional[torch.Tensor] = None  # (rows, vocab) to sample from
 
 
-class BatchDecoder:
-    """T3 decode steps shared by every running request (continuous batching).
+class RequestBook:
+    """The requests a batch decoder holds: joining (prefilled at the next step) and running.
 
-    Not thread-safe: one scheduler thread calls ``add``, ``remove`` and
-    ``step``. Requests added before a ``step`` join in that step.
-    """
+    Shared by the Llama (``BatchDecoder``) and GPT-2 (``turbo_batch``)
+    decoders, which differ only in their steps; ``sequence`` makes a
+    decoder's own per-request state."""
+
+    sequence: type
 
     def __init__(self, t3, *, exact: bool = True):
-        if getattr(t3, "is_gpt", False):
-            raise ValueError("BatchDecoder supports T3's Llama backbone only")
         self.t3 = t3
         self.exact = exact
-        self._joining: List[_Sequence] = []
-        self._running: List[_Sequence] = []
-        self._by_request: Dict[DecodeRequest, _Sequence] = {}
+        self._joining: list = []
+        self._running: list = []
+        self._by_request: Dict[DecodeRequest, object] = {}
 
     def __len__(self) -> int:
         return len(self._by_request)
@@ -105,7 +105,7 @@ class BatchDecoder:
         """Queue ``request``; it is prefilled and joins the shared step at the next ``step``."""
         if request in self._by_request:
             raise ValueError("request already added")
-        seq = _Sequence(request, self.t3.hp.start_speech_token, request.text_tokens.device)
+        seq = self.sequence(request, self.t3.hp.start_speech_token, request.text_tokens.device)
         self._by_request[request] = seq
         self._joining.append(seq)
 
@@ -119,6 +119,21 @@ class BatchDecoder:
                 queue.remove(seq)
         seq.cache = seq.pending = seq.logits = None
         return True
+
+
+class BatchDecoder(RequestBook):
+    """T3 decode steps shared by every running request (continuous batching).
+
+    Not thread-safe: one scheduler thread calls ``add``, ``remove`` and
+    ``step``. Requests added before a ``step`` join in that step.
+    """
+
+    sequence = _Sequence
+
+    def __init__(self, t3, *, exact: bool = True):
+        if getattr(t3, "is_gpt", False):
+            raise ValueError("BatchDecoder supports T3's Llama backbone only")
+        super().__init__(t3, exact=exact)
 
     @torch.inference_mode()
     def step(self) -> List[StepEvent]:

@@ -25,14 +25,14 @@ checkpoint (tests/engine/test_turbo.py).
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.gpt2.modeling_gpt2 import eager_attention_forward
 
-from .batch_decode import DecodeRequest, StepEvent
+from .batch_decode import DecodeRequest, RequestBook, StepEvent
 from .turbo import TurboSampler, prefill_inputs
 
 
@@ -46,41 +46,16 @@ class _Sequence:
         self.logits: Optional[torch.Tensor] = None  # (1, vocab) to sample from
 
 
-class TurboBatchDecoder:
+class TurboBatchDecoder(RequestBook):
     """Turbo T3 decode steps shared by every running request. Not thread-safe: one scheduler
     thread calls ``add``, ``remove`` and ``step``."""
+
+    sequence = _Sequence
 
     def __init__(self, t3, *, exact: bool = True):
         if not getattr(t3, "is_gpt", False):
             raise ValueError("TurboBatchDecoder supports T3's GPT-2 backbone only")
-        self.t3 = t3
-        self.exact = exact
-        self._joining: List[_Sequence] = []
-        self._running: List[_Sequence] = []
-        self._by_request: Dict[DecodeRequest, _Sequence] = {}
-
-    def __len__(self) -> int:
-        return len(self._by_request)
-
-    def __contains__(self, request: DecodeRequest) -> bool:
-        return request in self._by_request
-
-    def add(self, request: DecodeRequest) -> None:
-        if request in self._by_request:
-            raise ValueError("request already added")
-        seq = _Sequence(request, self.t3.hp.start_speech_token, request.text_tokens.device)
-        self._by_request[request] = seq
-        self._joining.append(seq)
-
-    def remove(self, request: DecodeRequest) -> bool:
-        seq = self._by_request.pop(request, None)
-        if seq is None:
-            return False
-        for queue in (self._joining, self._running):
-            if seq in queue:
-                queue.remove(seq)
-        seq.cache = seq.pending = seq.logits = None
-        return True
+        super().__init__(t3, exact=exact)
 
     @torch.inference_mode()
     def step(self) -> List[StepEvent]:
