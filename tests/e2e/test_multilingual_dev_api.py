@@ -8,7 +8,7 @@ import pytest
 import soundfile
 
 from tests.conftest import worker_env
-from tests.e2e.worker_process import DevApiWorker
+from tests.e2e.worker_process import running_worker
 
 pytestmark = pytest.mark.e2e
 
@@ -20,40 +20,22 @@ TEXTS = {"de": "Guten Morgen, wie geht es dir?", "zh": "你好，今天天气真
 def mtl_worker(multilingual_checkpoint, tmp_path_factory):
     env = worker_env(CHATTERBOX_VARIANT="multilingual", CHATTERBOX_MODEL_DIR=multilingual_checkpoint,
                      VOICES_DIR=tmp_path_factory.mktemp("mtl-voices"), CHATTERBOX_WARMUP="0")
-    process = DevApiWorker(env, tmp_path_factory.mktemp("mtl-worker") / "worker.log")
-    try:
-        process.wait_ready()
+    with running_worker(env, tmp_path_factory.mktemp("mtl-worker")) as process:
         yield process
-    finally:
-        process.stop()
-
-
-def call(worker, **job_input):
-    output = worker.post("/runsync", {"input": job_input})["output"]
-    assert len(output) == 1, output
-    return output[0]
-
-
-def streamed(worker, **job_input):
-    queued = worker.post("/run", {"input": {**job_input, "stream": True}})
-    items = [entry["output"] for entry in worker.post(f"/stream/{queued['id']}")["stream"]]
-    chunks, result = items[:-1], items[-1]
-    assert result["type"] == "result" and result["chunks"] == len(chunks) > 0
-    return b"".join(base64.b64decode(c["audio_base64"]) for c in chunks), result
 
 
 def test_one_shot_and_streamed_in_four_languages_with_both_voices(mtl_worker):
     from tests.speech import SENTENCES, speech_wav
 
-    assert call(mtl_worker, action="health")["model"]["variant"] == "multilingual"
+    assert mtl_worker.call(action="health")["model"]["variant"] == "multilingual"
     audio = base64.b64encode(speech_wav(SENTENCES[1])).decode()
-    assert call(mtl_worker, action="upload_voice", voice_id="mtl-voice", audio_base64=audio)["model"] \
+    assert mtl_worker.call(action="upload_voice", voice_id="mtl-voice", audio_base64=audio)["model"] \
         .startswith("chatterbox-multilingual-")
 
     one_shot = {}
     for language, text in TEXTS.items():
         for voice in (None, "mtl-voice"):
-            item = call(mtl_worker, text=text, language=language, voice_id=voice, seed=8)
+            item = mtl_worker.call(text=text, language=language, voice_id=voice, seed=8)
             samples, rate = soundfile.read(io.BytesIO(base64.b64decode(item["audio_base64"])))
             assert rate == 24000 and len(samples) > 0 and item["voice_id"] == voice
             one_shot[language, voice] = item
@@ -61,7 +43,7 @@ def test_one_shot_and_streamed_in_four_languages_with_both_voices(mtl_worker):
     assert len({item["audio_base64"] for item in one_shot.values()}) == len(one_shot)
 
     for language, voice in (("zh", None), ("ja", "mtl-voice")):
-        data, result = streamed(mtl_worker, text=TEXTS[language], language=language, voice_id=voice,
+        data, result = mtl_worker.streamed(text=TEXTS[language], language=language, voice_id=voice,
                                 seed=8, format="pcm_s16le")
         # Streamed and one-shot takes have the same tokens, so the same length.
         assert len(data) / 2 / 24000 == pytest.approx(one_shot[language, voice]["duration_s"], abs=0.001)
@@ -69,6 +51,6 @@ def test_one_shot_and_streamed_in_four_languages_with_both_voices(mtl_worker):
 
 
 def test_a_language_the_model_does_not_speak_is_refused(mtl_worker):
-    error = call(mtl_worker, text="Sawubona.", language="zu")["error"]
+    error = mtl_worker.call(text="Sawubona.", language="zu")["error"]
     assert error.startswith("invalid_input: language: 'zu' is not spoken by the multilingual model")
     assert "ar, da, de, el, en" in error

@@ -8,7 +8,7 @@ import pytest
 import soundfile
 
 from tests.conftest import worker_env
-from tests.e2e.worker_process import DevApiWorker
+from tests.e2e.worker_process import running_worker
 
 pytestmark = pytest.mark.e2e
 
@@ -18,51 +18,30 @@ TAGGED = "Hello from turbo [laugh], with a tag or two [clear throat]."
 @pytest.fixture(scope="module")
 def turbo_worker(turbo_settings_env, tmp_path_factory):
     env = worker_env(**turbo_settings_env)
-    process = DevApiWorker(env, tmp_path_factory.mktemp("turbo-worker") / "worker.log")
-    try:
-        process.wait_ready()
+    with running_worker(env, tmp_path_factory.mktemp("turbo-worker")) as process:
         yield process
-    finally:
-        process.stop()
-
-
-def call(worker, **job_input):
-    output = worker.post("/runsync", {"input": job_input})["output"]
-    assert len(output) == 1, output
-    return output[0]
-
-
-def streamed(worker, **job_input):
-    queued = worker.post("/run", {"input": dict(job_input, stream=True)})
-    done = worker.post(f"/stream/{queued['id']}")
-    assert done["status"] == "COMPLETED", done
-    items = [entry["output"] for entry in done["stream"]]
-    chunks, result = items[:-1], items[-1]
-    assert chunks and all(c["type"] == "chunk" for c in chunks) and result["type"] == "result"
-    pcm = b"".join(base64.b64decode(c["audio_base64"]) for c in chunks)
-    return pcm, result
 
 
 def test_turbo_speaks_one_shot_and_streamed_with_the_builtin_and_an_uploaded_voice(turbo_worker):
     from tests.speech import long_speech_wav
 
-    health = call(turbo_worker, action="health")
+    health = turbo_worker.call(action="health")
     assert health["model"]["variant"] == "turbo"
 
-    one_shot = call(turbo_worker, text=TAGGED, seed=4)
+    one_shot = turbo_worker.call(text=TAGGED, seed=4)
     samples, rate = soundfile.read(io.BytesIO(base64.b64decode(one_shot["audio_base64"])))
     assert rate == 24000 and 1.0 < len(samples) / rate < 12.0
     # The same tokens streamed: the same length of audio (raw PCM chunks, 16-bit).
-    pcm, result = streamed(turbo_worker, text=TAGGED, seed=4, format="pcm_s16le")
+    pcm, result = turbo_worker.streamed(text=TAGGED, seed=4, format="pcm_s16le")
     assert len(pcm) // 2 == len(samples)
     assert result["duration_s"] == pytest.approx(one_shot["duration_s"], abs=0.001)
 
     audio = base64.b64encode(long_speech_wav(7.0)).decode()
-    made = call(turbo_worker, action="upload_voice", voice_id="turbo-voice", audio_base64=audio)
+    made = turbo_worker.call(action="upload_voice", voice_id="turbo-voice", audio_base64=audio)
     assert made["voice_id"] == "turbo-voice" and made["reference_s"] > 5
-    mine = call(turbo_worker, text=TAGGED, seed=4, voice_id="turbo-voice")
+    mine = turbo_worker.call(text=TAGGED, seed=4, voice_id="turbo-voice")
     assert mine["voice_id"] == "turbo-voice" and mine["audio_base64"] != one_shot["audio_base64"]
-    pcm, result = streamed(turbo_worker, text=TAGGED, seed=4, voice_id="turbo-voice",
+    pcm, result = turbo_worker.streamed(text=TAGGED, seed=4, voice_id="turbo-voice",
                            format="pcm_s16le")
     assert result["voice_id"] == "turbo-voice"
     assert result["duration_s"] == pytest.approx(mine["duration_s"], abs=0.001)
@@ -72,18 +51,18 @@ def test_turbo_refuses_what_it_cannot_do_naming_the_model(turbo_worker):
     from tests.speech import SENTENCES, speech_wav
 
     refused = {
-        "cfg_weight": call(turbo_worker, text="Hi.", cfg_weight=0.5),
-        "tag": call(turbo_worker, text="Hi [laughs]."),
-        "language": call(turbo_worker, text="Hallo.", language="de"),
+        "cfg_weight": turbo_worker.call(text="Hi.", cfg_weight=0.5),
+        "tag": turbo_worker.call(text="Hi [laughs]."),
+        "language": turbo_worker.call(text="Hallo.", language="de"),
     }
     assert refused["cfg_weight"]["error"].startswith("invalid_input: cfg_weight: the turbo model")
     assert refused["tag"]["error"].startswith("invalid_input: text: [laughs] is not an event tag")
     assert refused["language"]["error"].startswith("invalid_input: language: 'de'")
     # The neutral value of an ignored field is accepted.
-    assert "audio_base64" in call(turbo_worker, text="Hi.", cfg_weight=0, min_p=0, exaggeration=0,
+    assert "audio_base64" in turbo_worker.call(text="Hi.", cfg_weight=0, min_p=0, exaggeration=0,
                                   top_k=50, seed=1)
 
     short = base64.b64encode(speech_wav(SENTENCES[3])).decode()  # about 4 s of speech
-    error = call(turbo_worker, action="upload_voice", voice_id="short", audio_base64=short)["error"]
+    error = turbo_worker.call(action="upload_voice", voice_id="short", audio_base64=short)["error"]
     assert error.startswith("invalid_audio: audio_base64 has ")
     assert "the turbo model needs more than 5 s" in error

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import socket
 import subprocess
 import sys
@@ -58,3 +60,31 @@ class DevApiWorker:
     def stop(self) -> None:
         stop_process(self.process)
         self._log.close()
+
+    def call(self, **job_input) -> dict:
+        """A job's one item over /runsync (every action but a generate makes one)."""
+        output = self.post("/runsync", {"input": job_input})["output"]
+        assert len(output) == 1, output
+        return output[0]
+
+    def streamed(self, **job_input):
+        """A streamed generate over /run and /stream: (the chunks' audio bytes, the result item)."""
+        queued = self.post("/run", {"input": {**job_input, "stream": True}})
+        done = self.post(f"/stream/{queued['id']}")
+        assert done["status"] == "COMPLETED", done
+        items = [entry["output"] for entry in done["stream"]]
+        chunks, result = items[:-1], items[-1]
+        assert chunks and all(c["type"] == "chunk" for c in chunks) and result["type"] == "result"
+        assert result["chunks"] == len(chunks)
+        return b"".join(base64.b64decode(c["audio_base64"]) for c in chunks), result
+
+
+@contextlib.contextmanager
+def running_worker(env: dict, log_dir: Path):
+    """A ready ``DevApiWorker`` for the ``with`` block (a module or session fixture's body)."""
+    process = DevApiWorker(env, Path(log_dir) / "worker.log")
+    try:
+        process.wait_ready()
+        yield process
+    finally:
+        process.stop()
