@@ -109,6 +109,17 @@ class RequestBook:
         self._by_request[request] = seq
         self._joining.append(seq)
 
+    def _advance(self) -> None:
+        """The forward half of a step: who joined is prefilled (each alone, as the
+        single-request loop does), then one forward runs every pending token."""
+        for seq in self._joining:
+            self._prefill(seq)
+        self._running.extend(self._joining)
+        self._joining = []
+        waiting = [seq for seq in self._running if seq.pending is not None]
+        if waiting:
+            self._forward(waiting)
+
     def remove(self, request: DecodeRequest) -> bool:
         """Drop ``request`` now (cancellation) and free its KV cache; False if it was not running."""
         seq = self._by_request.pop(request, None)
@@ -142,13 +153,7 @@ class BatchDecoder(RequestBook):
         Joining requests are prefilled first (each alone); then one forward
         runs the new token of every other request; then each request samples.
         """
-        for seq in self._joining:
-            self._prefill(seq)
-        self._running.extend(self._joining)
-        self._joining = []
-        waiting = [seq for seq in self._running if seq.pending is not None]
-        if waiting:
-            self._forward(waiting)
+        self._advance()
 
         events = []
         stop = self.t3.hp.stop_speech_token

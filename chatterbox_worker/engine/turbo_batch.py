@@ -60,13 +60,7 @@ class TurboBatchDecoder(RequestBook):
     @torch.inference_mode()
     def step(self) -> List[StepEvent]:
         """One token for every running request, as ``decode_turbo_tokens`` makes it alone."""
-        for seq in self._joining:
-            self._prefill(seq)
-        self._running.extend(self._joining)
-        self._joining = []
-        waiting = [seq for seq in self._running if seq.pending is not None]
-        if waiting:
-            self._forward(waiting)
+        self._advance()
 
         events = []
         stop = self.t3.hp.stop_speech_token
