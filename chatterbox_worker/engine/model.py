@@ -149,6 +149,15 @@ def t3_format(t3: torch.nn.Module) -> str:
     return "bfloat16" if t3.speech_emb.weight.dtype == torch.bfloat16 else "float32"
 
 
+def load_t3_weights(t3: torch.nn.Module, path: Path) -> None:
+    """A T3 safetensors file into ``t3`` (``ConfigError`` on a mismatch)."""
+    state = _load_safetensors(path)
+    if "model" in state:  # some exports nest the state dict, as upstream allows
+        state = state["model"][0]
+    _load_state(t3, state, path.name)
+    # The module holds its own copy; the caller's frame keeps no second one through loading.
+
+
 def load_sizes(directory: Path) -> ModelSizes:
     try:
         return ModelSizes.load(directory)
@@ -196,11 +205,7 @@ def load_original(source: WeightSource, *, device: str, t3_dtype: str) -> Chatte
     _load_state(ve, _load_safetensors(directory / "ve.safetensors"), "ve.safetensors")
 
     t3 = build_t3(sizes)
-    t3_state = _load_safetensors(directory / "t3_cfg.safetensors")
-    if "model" in t3_state:  # some exports nest the state dict, as upstream allows
-        t3_state = t3_state["model"][0]
-    _load_state(t3, t3_state, "t3_cfg.safetensors")
-    del t3_state  # the module holds its own copy; do not keep a second one through loading
+    load_t3_weights(t3, directory / "t3_cfg.safetensors")
 
     s3gen = build_s3gen(sizes)
     # Upstream loads S3Gen non-strictly: the tokenizer's mel filters and window
@@ -238,4 +243,5 @@ LOADERS["multilingual"] = _load_multilingual
 
 
 __all__ = ["ChatterboxModel", "EnglishText", "LOADERS", "load_builtin_voice", "load_model",
+           "load_t3_weights",
            "load_sizes", "model_signature", "set_t3_format", "t3_format", "with_text_ends"]

@@ -192,8 +192,8 @@ def load_multilingual(source, *, device: str, t3_dtype: str = "float32"):
     """Upstream's multilingual modules with ``source`` loaded into them (the files
     ``ChatterboxMultilingualTTS.from_local`` reads); ``ConfigError`` on any mismatch."""
     from .architecture import build_s3gen, build_t3, build_voice_encoder
-    from .model import (ChatterboxModel, _load_safetensors, _load_state, load_builtin_voice,
-                        load_sizes, model_signature, set_t3_format)
+    from .model import (ChatterboxModel, _load_state, load_builtin_voice, load_sizes,
+                        load_t3_weights, model_signature, set_t3_format)
 
     variant = "multilingual"
     directory = source.directory
@@ -204,11 +204,7 @@ def load_multilingual(source, *, device: str, t3_dtype: str = "float32"):
 
     name = t3_file_of(source)
     t3 = build_t3(sizes, multilingual=True)
-    t3_state = _load_safetensors(directory / name)
-    if "model" in t3_state:  # nested exports, as upstream allows
-        t3_state = t3_state["model"][0]
-    _load_state(t3, t3_state, name)
-    del t3_state
+    load_t3_weights(t3, directory / name)
 
     s3gen = build_s3gen(sizes)
     # Upstream loads s3gen.pt strictly; computed buffers may be missing here as

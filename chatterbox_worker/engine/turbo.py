@@ -25,7 +25,7 @@ from typing import Iterator, List
 
 import torch
 
-from ..errors import ConfigError, InvalidInput, excerpt, reason
+from ..errors import ConfigError, InvalidInput, reason
 
 TEXT_VOCAB_SIZE = 50276  # GPT-2's 50257 BPE tokens plus Turbo's added tokens (from_local's hp)
 SPEECH_VOCAB_SIZE = 6563  # 6561 speech ids, start (6561) and stop (6562)
@@ -198,29 +198,17 @@ def decode_turbo_tokens(model, t3_cond, text_tokens: torch.Tensor, params, *,
         del out
 
 
-def _load_state(module, state: dict, name: str) -> None:
-    try:
-        module.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first = " ".join(str(exc).splitlines()[:2])
-        raise ConfigError(f"{name} does not fit the turbo {type(module).__name__} model: "
-                          f"{excerpt(first, 300)}") from None
-
-
 def load_parts(directory, sizes, device: str):
     """(voice encoder, T3, S3Gen, tokenizer) of a Turbo checkpoint, as ``from_local`` loads them:
     every state dict strictly, GPT-2's word embedding dropped (T3 feeds embeddings)."""
     from .architecture import build_s3gen, build_voice_encoder
-    from .model import _load_safetensors
+    from .model import _load_safetensors, _load_state, load_t3_weights
 
     ve = build_voice_encoder(sizes)
     _load_state(ve, _load_safetensors(directory / "ve.safetensors"), "ve.safetensors")
     t3 = build_turbo_t3(sizes)
-    state = _load_safetensors(directory / T3_FILE)
-    if "model" in state:  # some exports nest the state dict, as upstream allows
-        state = state["model"][0]
-    _load_state(t3, state, T3_FILE)
-    del state, t3.tfmr.wte
+    load_t3_weights(t3, directory / T3_FILE)
+    del t3.tfmr.wte
     s3gen = build_s3gen(sizes, meanflow=True)
     _load_state(s3gen, _load_safetensors(directory / S3GEN_FILE), S3GEN_FILE)
     try:
