@@ -17,7 +17,12 @@
 #   3. bench/throughput_bench.py: upstream baseline, batch-1 decode per format,
 #      streamed then one-shot concurrency rows, with --max-seconds = what is left
 #      minus STREAM_RESERVE_S; rows that would not fit are skipped and reported;
-#   4. bench/stream_bench.py in the time left (STREAM_BENCH=0 skips it).
+#   4. bench/stream_bench.py in the time left (STREAM_BENCH=0 skips it);
+#   5. bench/variants_bench.py (each model vs its upstream class) in the time left,
+#      if at least 120 s (VARIANTS_BENCH=0 skips it). The default budget leaves it
+#      none; a variants-only run: THROUGHPUT_BENCH=0 STREAM_BENCH=0 bash bench/gpu/run.sh
+#      (not yet tried on a GPU; it builds the turbo and multilingual checkpoints, ~40 s each
+#      on CPU, then loads each model twice: give it BUDGET_S=400 or so at 250 tokens).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/gpu-results}
@@ -27,6 +32,8 @@ PYTHON=${PYTHON:-python3}
 BUDGET_S=${BUDGET_S:-450}
 STREAM_BENCH=${STREAM_BENCH:-1}
 STREAM_RESERVE_S=${STREAM_RESERVE_S:-90}
+THROUGHPUT_BENCH=${THROUGHPUT_BENCH:-1}
+VARIANTS_BENCH=${VARIANTS_BENCH:-1}
 mkdir -p "$OUT"
 export HF_HOME=${HF_HOME:-/tmp/cbw-hf} HF_HUB_OFFLINE=1 PYTHONPATH=$PWD
 
@@ -61,7 +68,9 @@ fi
 reserve=0
 if [ "$STREAM_BENCH" != 0 ]; then reserve=$STREAM_RESERVE_S; fi
 left=$((BUDGET_S - SECONDS - reserve - 5))
-if [ "$left" -ge 60 ]; then
+if [ "$THROUGHPUT_BENCH" = 0 ]; then
+  echo "throughput bench skipped: THROUGHPUT_BENCH=0"
+elif [ "$left" -ge 60 ]; then
   status=0
   "$PYTHON" bench/throughput_bench.py --checkpoint "$CKPT" --tokens "$TOKENS" --device "$DEVICE" \
     --formats "$FORMATS" --concurrency "$CONCURRENCY" --repeats "${REPEATS:-1}" \
@@ -81,5 +90,20 @@ if [ "$STREAM_BENCH" != 0 ] && [ "$left" -ge 45 ]; then
   echo "stream bench: exit $status after ${SECONDS}s; results: $OUT/results-$SIZE-$DEVICE.json"
 elif [ "$STREAM_BENCH" != 0 ]; then
   echo "stream bench skipped: only ${left}s left of BUDGET_S=$BUDGET_S"
+fi
+
+# Each model vs its upstream class; the original's checkpoint is the one built above.
+left=$((BUDGET_S - SECONDS - 5))
+if [ "$VARIANTS_BENCH" != 0 ] && [ "$left" -ge 120 ]; then
+  VDIR=/tmp/cbw-variants-bench
+  mkdir -p "$VDIR"
+  [ -e "$VDIR/original-$SIZE" ] || ln -s "$CKPT" "$VDIR/original-$SIZE"
+  status=0
+  "$PYTHON" bench/variants_bench.py --checkpoint-dir "$VDIR" --size "$SIZE" --tokens "$TOKENS" \
+    --device "$DEVICE" --max-seconds "$left" --out "$OUT/variants-$SIZE-$DEVICE.json" \
+    2> "$OUT/variants.stderr.log" | tee "$OUT/variants-$SIZE-$DEVICE.md" || status=$?
+  echo "variants bench: exit $status after ${SECONDS}s; results: $OUT/variants-$SIZE-$DEVICE.json"
+elif [ "$VARIANTS_BENCH" != 0 ]; then
+  echo "variants bench skipped: only ${left}s left of BUDGET_S=$BUDGET_S"
 fi
 echo "done in ${SECONDS}s"
