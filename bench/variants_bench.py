@@ -273,8 +273,6 @@ def side_upstream(args, side: Side) -> None:
 
 
 def side_ours(args, side: Side) -> None:
-    import torch
-
     variant, n = args.side, args.tokens
     out = side.result.setdefault("ours", {})
     env = dict(os.environ)
