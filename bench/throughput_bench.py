@@ -632,10 +632,12 @@ def side_main(args) -> int:
 # the orchestrator
 
 
-def run_side(argv: List[str], env: dict, kill_at: Optional[float], log_name: str) -> dict:
-    """Run one side to its end (or ``kill_at``); its last JSON snapshot, or an error."""
-    command = [sys.executable, str(Path(__file__).resolve())] + argv
-    print(f"[throughput_bench] {log_name}: {shlex.join(command)}", file=sys.stderr, flush=True)
+def run_side(argv: List[str], env: dict, kill_at: Optional[float], log_name: str, *,
+             script: Optional[Path] = None, tag: str = "throughput_bench") -> dict:
+    """Run one side (``script``, default this one, with ``argv``) to its end (or ``kill_at``);
+    its last JSON snapshot, or an error. The sides of bench/variants_bench.py run here too."""
+    command = [sys.executable, str(script or Path(__file__).resolve())] + argv
+    print(f"[{tag}] {log_name}: {shlex.join(command)}", file=sys.stderr, flush=True)
     started = time.time()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, env=env, text=True)
     snapshots: List[dict] = []
@@ -661,7 +663,7 @@ def run_side(argv: List[str], env: dict, kill_at: Optional[float], log_name: str
     result["wall_s"] = round(time.time() - started, 1)
     result["returncode"] = process.returncode
     if killed:
-        result["killed"] = "stopped by the time guard (--max-seconds) in the middle of a row"
+        result["killed"] = "stopped by the time guard (--max-seconds) in the middle of its work"
     elif process.returncode and "error" not in result:
         result["error"] = f"exited with status {process.returncode} (see stderr)"
     return result

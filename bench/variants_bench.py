@@ -69,7 +69,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
 import time
 import traceback
 from pathlib import Path
@@ -80,6 +79,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from throughput_bench import TEXT, Side, machine  # noqa: E402  (same text, same machine description)
+from throughput_bench import run_side as throughput_run_side  # noqa: E402
 
 VARIANTS = ("original", "multilingual", "turbo")
 SEED = 1234
@@ -421,39 +421,12 @@ def side_main(args) -> int:
 
 def run_side(argv: List[str], env: dict, kill_at: Optional[float], name: str) -> dict:
     """One variant's subprocess to its end (or ``kill_at``): its last JSON snapshot."""
-    command = [sys.executable, str(Path(__file__).resolve())] + argv
-    print(f"[variants_bench] {name}: {shlex.join(command)}", file=sys.stderr, flush=True)
-    started = time.time()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, env=env, text=True)
-    snapshots: List[dict] = []
-
-    def read() -> None:
-        for line in process.stdout:
-            try:
-                snapshots.append(json.loads(line))
-            except json.JSONDecodeError:
-                print(line, end="", file=sys.stderr)
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    killed = False
-    try:
-        process.wait(timeout=None if kill_at is None else max(1.0, kill_at - time.time()))
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-        killed = True
-    reader.join(timeout=10)
-    result = dict(snapshots[-1]) if snapshots else {}
-    result["wall_s"] = round(time.time() - started, 1)
-    result["returncode"] = process.returncode
-    if killed:
-        result["killed"] = "stopped by the time guard (--max-seconds)"
-    elif process.returncode and "error" not in result:
-        if result.get("done"):  # everything was reported; the crash came on the way out
-            result["exit_note"] = f"exited with status {process.returncode} after its last report"
-        else:
-            result["error"] = f"exited with status {process.returncode} (see stderr)"
+    result = throughput_run_side(argv, env, kill_at, name, script=Path(__file__).resolve(),
+                                 tag="variants_bench")
+    if result.get("returncode") and result.get("done") and "exited with status" in result.get("error", ""):
+        # Everything was reported; the crash came on the way out.
+        del result["error"]
+        result["exit_note"] = f"exited with status {result['returncode']} after its last report"
     return result
 
 
