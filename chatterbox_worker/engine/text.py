@@ -33,7 +33,9 @@ UNSPACED_LANGUAGES = ("zh", "ja")
 SLOW_CHARS_PER_SECOND_BY_LANGUAGE = {"zh": 3.0, "ja": 3.5, "ko": 3.5}
 DENSE_PIECE_CHARS = 100
 
-_SENTENCE_END = re.compile(r"(?<=[.!?…])[\"')\]]*\s+")
+# A sentence end and the spaces after it; a closing quote or bracket right
+# after the end stays with its sentence (it used to be dropped with the space).
+_SENTENCE_END = re.compile(r"(?:(?<=[.!?…])(?![\"')\]])|(?<=[.!?…][\"')\]]))\s+")
 # The other scripts' sentence ends, spaces after them optional; a closing
 # quote or bracket right after one stays with its sentence.
 _ENDERS, _CLOSERS = "。！？؟।॥", r"」』）〕】”’\"')\]"

@@ -69,3 +69,11 @@ def test_a_long_sentence_is_never_cut_inside_a_bracketed_tag():
         assert all(len(p) <= MAX_PIECE_CHARS for p in pieces)
         assert any("[clear throat]" in p for p in pieces), shift
         assert " ".join(pieces) == " ".join(text.split())
+
+
+def test_a_closing_quote_or_bracket_after_a_sentence_end_stays_with_its_sentence():
+    text = 'She said "Stop." Then she left. (Quietly.) It was over! Really?'
+    assert split_text(text, limit=16) == ['She said "Stop."', "Then she left.", "(Quietly.)",
+                                          "It was over!", "Really?"]
+    # Nothing is lost when the sentences are packed back together.
+    assert split_text(text) == [text]
