@@ -216,3 +216,31 @@ def test_hub_inputs_have_the_workers_types_and_bounds():
             bounds = {type(m): m for m in field.metadata}
             assert spec.get("min") == (bounds[Ge].ge if Ge in bounds else None), entry["key"]
             assert spec.get("max") == (bounds[Le].le if Le in bounds else None), entry["key"]
+
+
+@needs_root
+@pytest.mark.skipif(os.path.exists("/runpod-volume"), reason="a real /runpod-volume is mounted here")
+def test_entrypoint_prepares_the_volume_cache_only_when_the_served_model_was_not_baked(tmp_path):
+    """A worker serving the baked model never downloads; one asked for another model (the Hub's
+    model choice) downloads into the volume's cache, which must be the worker's to write."""
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    baked = tmp_path / "weights"
+    baked.mkdir()
+    (baked / "REVISION").write_text("ResembleAI/chatterbox@abc\n")
+    (baked / "VARIANT").write_text("original\n")
+    cache = Path("/runpod-volume/huggingface-cache/hub")
+    env = {"PATH": os.environ["PATH"], "WORKER_USER": "nobody", "CHATTERBOX_BAKED_DIR": str(baked),
+           "VOICES_DIR": str(tmp_path / "voices")}
+    os.makedirs("/runpod-volume")
+    try:
+        for variant, prepared in (("original", False), ("turbo", True)):
+            done = subprocess.run(["/bin/sh", str(ROOT / "builder" / "entrypoint.sh"), "true"],
+                                  env={**env, "CHATTERBOX_VARIANT": variant}, capture_output=True,
+                                  text=True, timeout=30)
+            assert done.returncode == 0, done.stderr
+            assert cache.is_dir() == prepared, variant
+        assert cache.stat().st_uid == nobody.pw_uid
+    finally:
+        shutil.rmtree("/runpod-volume")
