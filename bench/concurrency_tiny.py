@@ -92,7 +92,7 @@ def measure(mode: str, checkpoint: Path, jobs: int, repeats: int) -> dict:
         })
     loop.close()
     return {"mode": mode, "decoder": engine.decoder_kind, "vocoder_batching": engine.batch_vocoder,
-            "flow_calls": engine._flows.batches, "flow_rows": engine._flows.rows, "rows": rows,
+            "flow_calls": engine.vocoder_calls.batches, "flow_rows": engine.vocoder_calls.rows, "rows": rows,
             "speedup_median": statistics.median(r["speedup"] for r in rows),
             "first_share_max": max(r["first_share_max"] for r in rows),
             "identical": all(r["identical"] for r in rows)}

@@ -46,7 +46,7 @@ class PriorityLock:
         """Hold the lock (yields True), or give up waiting once ``done()`` (yields False).
 
         ``done`` is checked whenever the lock changes hands: a caller whose
-        work another holder did for it (``flow_batch``) leaves the queue
+        work another holder did for it (``vocoder_batch``) leaves the queue
         instead of waiting its turn for nothing."""
         with self._cond:
             entry = (priority, next(self._tickets))

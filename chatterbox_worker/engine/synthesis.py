@@ -26,9 +26,9 @@ from .priority_lock import FIRST_AUDIO, STREAM, WHOLE, PriorityLock
 from .scheduler import Scheduler
 from .text import split_text, token_budget
 from .variants import VARIANTS, Variant
-from .flow_batch import FlowBatcher
-from .vocoder import (FLOW_STEPS, StreamingVocoder, StreamSchedule, Watermarker, flow_mels_batch,
-                      speakable, vocode_whole)
+from .vocoder import (FLOW_STEPS, StreamingVocoder, StreamSchedule, VocoderWork, Watermarker,
+                      speakable, vocode_batch, vocode_whole)
+from .vocoder_batch import VocoderBatcher
 
 # Between pieces of long text: fades so no piece starts or ends on a click,
 # and a short pause where a sentence break would be anyway.
@@ -131,22 +131,24 @@ class Engine:
         """``max_batch``: most requests decoding at once (the worker's concurrency);
         ``flow_steps``: the vocoder's flow-matching steps (upstream: 10);
         ``batch_vocoder``: run equal-shaped chunks of concurrent streams as one
-        vocoder flow call (``flow_batch``); None: on with the fast decoder only,
-        so the exact path keeps each job's audio bit for bit its audio alone."""
+        vocoder call (``vocoder_batch``; HiFT batched on CUDA only, where it
+        pays); None: on with the fast decoder only, so the exact path keeps
+        each job's audio bit for bit its audio alone."""
         self.model = model
         self.flow_steps = flow_steps
         self.max_batch = max_batch
         self.cuda_graphs = cuda_graphs and str(model.device).startswith("cuda")
         self.watermarker = Watermarker(watermark)
         # T3 decoding of every job runs on the scheduler's one thread, where
-        # concurrent jobs share each step (continuous batching). S3Gen draws
-        # from torch's global generator (inside a saved and restored state) and
-        # is not re-entrant, nor is building a voice: those take this lock, one
-        # vocoder call at a time, so that one job's vocoding never waits for
-        # another's whole take, only for the call in progress. Waiters are
-        # served by urgency: a stream's first chunk, then later chunks, then
-        # whole takes (``priority_lock``); a token that completes no chunk
-        # takes no lock at all.
+        # concurrent jobs share each step (continuous batching). Vocoder calls,
+        # building a voice and the watermark take this lock, one at a time:
+        # two at once would only split the same device (and double the
+        # activations in memory); concurrent streams share a call instead
+        # (``vocoder_calls``). It is held per call, so one job's vocoding
+        # never waits for another's whole take, only for the call in
+        # progress. Waiters are served by urgency: a stream's first chunk, then
+        # later chunks, then whole takes (``priority_lock``); a token that
+        # completes no chunk takes no lock at all.
         self._lock = PriorityLock()
         self._scheduler: Optional[Scheduler] = None
         self._scheduler_guard = threading.Lock()
@@ -154,8 +156,9 @@ class Engine:
         if batch_vocoder is None:
             batch_vocoder = self.decoder_kind == "fast"
         self.batch_vocoder = bool(batch_vocoder) and max_batch > 1
-        self._flows = FlowBatcher(self._lock, self._flow_batch,
-                                  max_batch=max_batch if self.batch_vocoder else 1)
+        self.batch_hift = self.batch_vocoder and str(model.device).startswith("cuda")
+        self.vocoder_calls = VocoderBatcher(self._lock, self._vocode,
+                                            max_batch=max_batch if self.batch_vocoder else 1)
 
     @property
     def _end_tokens(self) -> torch.Tensor:
@@ -304,30 +307,23 @@ class Engine:
                     if not vocoder.add([token]):
                         continue
                     urgency = FIRST_AUDIO if first else STREAM
-                    audio = self._stream_chunk(vocoder, urgency)
+                    audio = vocoder.complete(*self.vocoder_calls.run(vocoder.due(), urgency))
                     if audio.size:
                         yield self._mark(edges.shape(audio, last=False), urgency)
                         first = False
             finally:
                 tokens.close()  # a closed stream leaves the decoder before its next step
-            vocoder.add(self._end_tokens)  # vocoded with the rest by finish()
+            vocoder.add(self._end_tokens)  # vocoded with the rest
             urgency = FIRST_AUDIO if first else STREAM
-            with self._lock.hold(urgency):
-                audio = vocoder.finish()
+            work = vocoder.final()
+            audio = (vocoder.flush() if work is None
+                     else vocoder.complete(*self.vocoder_calls.run(work, urgency)))
             yield self._mark(edges.shape(audio, last=True), urgency)
             first = False
 
-    def _stream_chunk(self, vocoder: StreamingVocoder, urgency: int) -> np.ndarray:
-        """A streamed chunk's audio; its flow call batched with other streams' when enabled."""
-        if not self.batch_vocoder:
-            with self._lock.hold(urgency):
-                return vocoder.take()
-        mels = self._flows.mels(vocoder.due(), urgency)
-        with self._lock.hold(urgency):
-            return vocoder.complete(mels)
-
-    def _flow_batch(self, works) -> list:
-        return flow_mels_batch(self.model, works, self.flow_steps)
+    def _vocode(self, works: List[VocoderWork]) -> list:
+        """One vocoder call for ``works`` of one shape (``vocoder_calls`` holds the lock)."""
+        return vocode_batch(self.model, works, self.flow_steps, batch_hift=self.batch_hift)
 
     def _mark(self, audio: np.ndarray, urgency: int = STREAM) -> np.ndarray:
         with self._lock.hold(urgency):

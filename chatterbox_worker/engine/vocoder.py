@@ -14,6 +14,10 @@ each chunk is recomputed with some left context and a shorter voice prompt
 (the prompt's mel frames are re-processed at every flow step, the dominant
 cost on a CPU), the last tokens wait for S3Gen's 3-token look-ahead, HiFT's
 sine source is carried over, and seams are crossfaded.
+
+A vocoder call's whole input is a ``VocoderWork``; ``vocode_batch`` runs
+calls of one shape together (the flow as one batch, HiFT as one batch where
+that pays: ``hift``), which is how concurrent streams share the vocoder.
 """
 
 from __future__ import annotations
@@ -21,11 +25,13 @@ from __future__ import annotations
 import contextlib
 import sys
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .hift import hift, hift_batch
 
 SPEECH_VOCAB_SIZE = 6561  # ids at or above this are special (start/stop/unused)
 SAMPLES_PER_TOKEN = 960  # 25 tokens/s at 24 kHz; 2 mel frames of 480 samples each
@@ -38,17 +44,6 @@ def speakable(tokens) -> torch.Tensor:
     """Keep only real speech ids; S3Gen cannot vocode T3's special tokens."""
     t = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
     return t[t < SPEECH_VOCAB_SIZE]
-
-
-@contextlib.contextmanager
-def seeded(seed: int, device: str):
-    """Run with torch's global generator seeded, and restore it afterwards.
-
-    HiFT's sine source draws its phases from the global generator."""
-    devices = [torch.device(device).index or 0] if str(device).startswith("cuda") else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed % 2**63)
-        yield
 
 
 class NoiseBank:
@@ -99,16 +94,19 @@ class Prompt:
 
 
 @dataclass(frozen=True)
-class FlowWork:
-    """One vocoder call's flow-matching input: speech tokens, the voice prompt, the noise."""
+class VocoderWork:
+    """One vocoder call's input: speech tokens, the voice prompt and the flow's noise;
+    HiFT's seed and the sine source carried over from the stream's previous call."""
 
     tokens: torch.Tensor  # (1, N) long, on the model's device
     prompt: Prompt
     noise: torch.Tensor  # (1, 80, prompt frames + 2N)
+    seed: int = 0  # HiFT's sine source draws from generators seeded with this
+    cache_source: Optional[torch.Tensor] = None  # (1, 1, S): the first S source samples
 
     @property
     def shape(self) -> tuple:
-        """Calls of equal shape can run as one batch (``flow_mels_batch``)."""
+        """Calls of equal shape can run as one batch (``vocode_batch``)."""
         return (self.tokens.shape[1], self.prompt.tokens.shape[1], self.noise.shape[2])
 
 
@@ -120,12 +118,12 @@ def flow_mels(model, tokens: torch.Tensor, prompt: Prompt, noise: torch.Tensor,
     ``steps`` Euler steps of the flow decoder: each runs its estimator twice
     (with and without guidance), so the vocoder's cost is nearly proportional.
     """
-    return flow_mels_batch(model, [FlowWork(tokens, prompt, noise)], steps)[0]
+    return flow_mels_batch(model, [VocoderWork(tokens, prompt, noise)], steps)[0]
 
 
 @torch.inference_mode()
 def flow_mels_batch(model, works, steps: int = FLOW_STEPS) -> List[torch.Tensor]:
-    """``flow_mels`` of several calls of one ``FlowWork.shape`` in one batch.
+    """``flow_mels`` of several calls of one ``VocoderWork.shape`` in one batch.
 
     Upstream's encoder and Euler solver take a batch; with equal lengths no
     row is padded, so each row is its call alone up to float rounding (the
@@ -179,14 +177,18 @@ def _mean_flow(decoder, x, t_span, mu, mask, spks, cond):
     return x.to(in_dtype)
 
 
-@torch.inference_mode()
-def hift(model, mels: torch.Tensor, cache_source: Optional[torch.Tensor] = None):
-    """HiFT vocoder: (audio (N,), source) for mels (1, 80, F)."""
-    s3gen = model.s3gen
-    if cache_source is None:
-        cache_source = torch.zeros(1, 1, 0, device=mels.device, dtype=s3gen.dtype)
-    wav, source = s3gen.mel2wav.inference(speech_feat=mels.to(s3gen.dtype), cache_source=cache_source)
-    return wav.squeeze(0), source
+def vocode_batch(model, works: Sequence[VocoderWork], steps: int = FLOW_STEPS, *,
+                 batch_hift: bool = False) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """(audio (N,), HiFT source) of each call, for calls of one ``VocoderWork.shape``.
+
+    The flow runs as one batch; HiFT as one batch with ``batch_hift`` (it pays
+    on CUDA only, see ``hift``), else row by row, each row bit for bit its call alone.
+    """
+    mels = flow_mels_batch(model, works, steps)
+    if batch_hift and len(works) > 1:
+        return hift_batch(model, torch.cat(mels), [w.seed for w in works],
+                          [w.cache_source for w in works])
+    return [hift(model, m, w.cache_source, seed=w.seed) for m, w in zip(mels, works)]
 
 
 def trim_start(model, audio: torch.Tensor) -> torch.Tensor:
@@ -207,9 +209,7 @@ def vocode_whole(model, tokens: torch.Tensor, gen: dict, *, seed: int,
     prompt = Prompt.from_gen(gen)
     bank = NoiseBank(seed, prompt.feat.shape[1])
     noise = bank.for_span(prompt.feat.shape[1], 0, tokens.shape[1] * MELS_PER_TOKEN)
-    with seeded(seed, model.device):
-        mels = flow_mels(model, tokens, prompt, noise, steps)
-        audio, _ = hift(model, mels)
+    [(audio, _)] = vocode_batch(model, [VocoderWork(tokens, prompt, noise, seed=seed)], steps)
     return trim_start(model, audio).float().cpu().numpy()
 
 
@@ -257,49 +257,29 @@ class StreamingVocoder:
 
     def take(self) -> np.ndarray:
         """Vocode the chunk that ``add`` said is due."""
-        work = self.due()
-        return self.complete(flow_mels(self.model, work.tokens, work.prompt, work.noise, self.steps))
-
-    def due(self) -> FlowWork:
-        """The flow input of the chunk that ``add`` said is due (for ``complete``)."""
-        return self._work(self._ready(), final=False)
-
-    def complete(self, mels: torch.Tensor) -> np.ndarray:
-        """The due chunk's audio from its mel frames (``flow_mels`` of ``due()``): HiFT, seams."""
-        return self._audio(mels)
-
-    def _ready(self) -> int:
-        return len(self.tokens) - LOOKAHEAD_TOKENS
+        return self._alone(self.due())
 
     def finish(self) -> np.ndarray:
         """The rest of the piece, tail included."""
-        if len(self.tokens) > self.emitted:
-            work = self._work(len(self.tokens), final=True)
-            return self._audio(flow_mels(self.model, work.tokens, work.prompt, work.noise,
-                                         self.steps))
-        out, self.tail = self.tail, np.zeros(0, dtype=np.float32)
-        return out
+        work = self.final()
+        return self.flush() if work is None else self._alone(work)
 
-    def _work(self, end: int, final: bool) -> FlowWork:
-        """The call that vocodes up to token ``end``: left context, every token known so far."""
+    def due(self) -> VocoderWork:
+        """The vocoder call of the chunk that ``add`` said is due (run it, then ``complete``)."""
+        return self._work(self._ready(), final=False)
+
+    def final(self) -> Optional[VocoderWork]:
+        """The vocoder call of the rest of the piece; None when only the tail is left (``flush``)."""
+        return self._work(len(self.tokens), final=True) if len(self.tokens) > self.emitted else None
+
+    def complete(self, audio: torch.Tensor, source: torch.Tensor) -> np.ndarray:
+        """The audio to play from the pending call's result (``vocode_batch`` of ``due()``
+        or ``final()``): trimmed to what is new, the seam crossfaded. No model call."""
         sched = self.schedule
-        start = max(0, self.emitted - sched.left_context_tokens)
-        available = len(self.tokens)
-        tokens = torch.tensor(self.tokens[start:available], device=self.model.device).unsqueeze(0)
-        noise = self.noise.for_span(self.prompt.feat.shape[1], start * MELS_PER_TOKEN,
-                                    available * MELS_PER_TOKEN)
-        self._pending = (start, end, final)
-        return FlowWork(tokens, self.prompt, noise)
-
-    def _audio(self, mels: torch.Tensor) -> np.ndarray:
-        model, sched = self.model, self.schedule
         start, end, final = self._pending
-        with seeded(self.seed * 1000003 + self.chunks, model.device):
-            cache = self._cached_source(start)
-            audio, source = hift(model, mels, cache)
         self._source, self._source_start = source, start * SAMPLES_PER_TOKEN
         if start == 0:
-            audio = trim_start(model, audio)
+            audio = trim_start(self.model, audio)
         audio = audio.float().cpu().numpy()
         base = start * SAMPLES_PER_TOKEN  # absolute sample of audio[0]
         fade = len(self.tail)
@@ -314,6 +294,30 @@ class StreamingVocoder:
         self.emitted = end
         self.chunks += 1
         return piece
+
+    def flush(self) -> np.ndarray:
+        """The held-back tail, when ``final()`` has nothing left to vocode."""
+        out, self.tail = self.tail, np.zeros(0, dtype=np.float32)
+        return out
+
+    def _ready(self) -> int:
+        return len(self.tokens) - LOOKAHEAD_TOKENS
+
+    def _alone(self, work: VocoderWork) -> np.ndarray:
+        [(audio, source)] = vocode_batch(self.model, [work], self.steps)
+        return self.complete(audio, source)
+
+    def _work(self, end: int, final: bool) -> VocoderWork:
+        """The call that vocodes up to token ``end``: left context, every token known so far."""
+        sched = self.schedule
+        start = max(0, self.emitted - sched.left_context_tokens)
+        available = len(self.tokens)
+        tokens = torch.tensor(self.tokens[start:available], device=self.model.device).unsqueeze(0)
+        noise = self.noise.for_span(self.prompt.feat.shape[1], start * MELS_PER_TOKEN,
+                                    available * MELS_PER_TOKEN)
+        self._pending = (start, end, final)
+        return VocoderWork(tokens, self.prompt, noise, seed=self.seed * 1000003 + self.chunks,
+                           cache_source=self._cached_source(start))
 
     def _cached_source(self, start: int) -> Optional[torch.Tensor]:
         """The previous call's sine source over samples this call recomputes, for continuity."""

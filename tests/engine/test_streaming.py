@@ -5,7 +5,6 @@ import itertools
 import librosa
 import numpy as np
 import pytest
-import torch
 
 from chatterbox_worker.engine import StreamSchedule, SynthesisRequest
 from chatterbox_worker.engine.synthesis import Engine
@@ -58,23 +57,6 @@ class TokenTap:
                 yield token
 
         monkeypatch.setattr(engine, "speech_tokens", tapped)
-
-
-@pytest.fixture
-def quiet_source(monkeypatch):
-    """HiFT's excitation without its random phases and noise, in one-shot and streamed takes
-    alike: what is left of their difference is what chunking does (flow context, seams)."""
-    from chatterbox.models.s3gen import hifigan
-
-    class NoPhase:
-        def __init__(self, low, high):
-            pass
-
-        def sample(self, sample_shape):
-            return torch.zeros(sample_shape)
-
-    monkeypatch.setattr(hifigan, "Uniform", NoPhase)
-    monkeypatch.setattr(torch, "randn_like", lambda t, *a, **k: torch.zeros_like(t))
 
 
 def request(engine, text=TEXT, seed=3):
@@ -132,8 +114,8 @@ def test_seams_crossfade_where_chunks_disagree(plain, monkeypatch):
 
     real_hift, calls = vocoder.hift, itertools.count()
 
-    def shifted(model, mels, cache_source=None):
-        audio, source = real_hift(model, mels, cache_source)
+    def shifted(model, mels, cache_source=None, *, seed):
+        audio, source = real_hift(model, mels, cache_source, seed=seed)
         return audio + (0.5 if next(calls) % 2 else -0.5), source
 
     monkeypatch.setattr(vocoder, "hift", shifted)
@@ -184,13 +166,13 @@ def test_a_streams_first_chunk_asks_the_vocoder_first(engine, monkeypatch):
     from chatterbox_worker.engine.priority_lock import FIRST_AUDIO, STREAM, WHOLE
 
     asked = []
-    hold = priority_lock.PriorityLock.hold
+    hold_unless = priority_lock.PriorityLock.hold_unless
 
-    def recording(self, priority=STREAM):
+    def recording(self, priority, done):  # every ``hold`` too
         asked.append(priority)
-        return hold(self, priority)
+        return hold_unless(self, priority, done)
 
-    monkeypatch.setattr(priority_lock.PriorityLock, "hold", recording)
+    monkeypatch.setattr(priority_lock.PriorityLock, "hold_unless", recording)
     request = SynthesisRequest(text="Hello there, one piece.", voice=engine.builtin_voice, seed=3)
     chunks = list(engine.stream(request, max_tokens=60))
     assert len(chunks) >= 3

@@ -352,23 +352,6 @@ def test_the_engine_serves_turbo_with_upstreams_loop_and_vocoder(turbo_engine, p
     assert len(take.audio) == (take.audio_tokens + 3) * 960
 
 
-@pytest.fixture
-def quiet_source(monkeypatch):
-    """HiFT's excitation without its random phases and noise (as in test_streaming.py): what is
-    left of the difference between streamed and one-shot is what chunking does."""
-    from chatterbox.models.s3gen import hifigan
-
-    class NoPhase:
-        def __init__(self, low, high):
-            pass
-
-        def sample(self, sample_shape):
-            return torch.zeros(sample_shape)
-
-    monkeypatch.setattr(hifigan, "Uniform", NoPhase)
-    monkeypatch.setattr(torch, "randn_like", lambda t, *a, **k: torch.zeros_like(t))
-
-
 def test_streamed_turbo_take_matches_one_shot(plain_turbo, quiet_source):
     """Streamed through the chunked vocoder (mean-flow, the silence tokens vocoded with the last
     chunk): same length as one-shot and, but for chunking, the same audio."""
@@ -475,7 +458,7 @@ def test_turbo_prints_nothing(turbo_engine, capfd):
 def test_mean_flow_calls_batch_like_the_original_vocoders(turbo_engine):
     """Equal-shaped chunks of concurrent streams share one flow call (``flow_mels_batch``):
     with the mean-flow vocoder too, each row is its call alone up to rounding."""
-    from chatterbox_worker.engine.vocoder import FlowWork, flow_mels_batch
+    from chatterbox_worker.engine.vocoder import VocoderWork, flow_mels_batch
     from chatterbox_worker.tiny_model import synthetic_reference
 
     model = turbo_engine.model
@@ -487,7 +470,7 @@ def test_mean_flow_calls_batch_like_the_original_vocoders(turbo_engine):
         prompt = Prompt.from_gen(gen).last(50)
         tokens = torch.randint(0, 6561, (1, 20), generator=torch.Generator().manual_seed(seed))
         bank = NoiseBank(seed, Prompt.from_gen(gen).feat.shape[1])
-        works.append(FlowWork(tokens, prompt, bank.for_span(prompt.feat.shape[1], 0, 40)))
+        works.append(VocoderWork(tokens, prompt, bank.for_span(prompt.feat.shape[1], 0, 40)))
     alone = [flow_mels(model, w.tokens, w.prompt, w.noise, 2) for w in works]
     together = flow_mels_batch(model, works, 2)
     for a, b in zip(alone, together):

@@ -1,19 +1,20 @@
-"""Several streams' vocoder flow calls run as one batch when their shapes match.
+"""Several streams' vocoder calls run as one batch when their shapes match.
 
-Each streamed chunk costs one S3Gen call, and S3Gen runs one call at a time
-(``Engine._lock``). On a GPU a call is bound by kernel launches, not by
-arithmetic: one call for eight streams costs about what one stream's call
-costs. Streams that started together decode in lockstep (the scheduler
-advances every request one token per step), so their chunks come due
-together with equal token counts and equal prompt lengths: exactly the calls
-that batch without padding.
+Each streamed chunk costs one S3Gen call (flow, then HiFT), and S3Gen runs
+one call at a time (``Engine``'s vocoder lock). On a GPU a call is bound by
+kernel launches, not by arithmetic: one call for eight streams costs about
+what one stream's call costs. Streams that started together decode in
+lockstep (the scheduler advances every request one token per step), so their
+chunks come due together with equal token counts and equal prompt lengths:
+exactly the calls that batch without padding.
 
 How: a stream whose chunk is due leaves a ticket, then waits for the vocoder
 lock. Whoever gets the lock runs its own ticket together with every waiting
 ticket of the same shape (most urgent first, at most ``max_batch``) and hands
-each its mels; a stream whose ticket was done for it leaves the lock's queue
-at once (``PriorityLock.hold_unless``). HiFT, which draws from the global
-generator, stays per stream.
+each its result; a stream whose ticket was done for it leaves the lock's
+queue at once (``PriorityLock.hold_unless``). Each row draws HiFT's noise
+from its own seed (``hift``), so batching never mixes one stream's random
+numbers into another's.
 
 Rows of a batch equal their calls alone up to float rounding, not bit for
 bit; ``Engine`` turns batching on only where the decoder already gives up
@@ -24,31 +25,33 @@ from __future__ import annotations
 
 import itertools
 import threading
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
 from .priority_lock import PriorityLock
-from .vocoder import FlowWork
+from .vocoder import VocoderWork
+
+Result = Tuple[torch.Tensor, torch.Tensor]  # (audio (N,), HiFT source (1, 1, S))
 
 
 class _Ticket:
-    __slots__ = ("work", "urgency", "order", "mels", "error", "done")
+    __slots__ = ("work", "urgency", "order", "result", "error", "done")
 
-    def __init__(self, work: FlowWork, urgency: int, order: int):
+    def __init__(self, work: VocoderWork, urgency: int, order: int):
         self.work, self.urgency, self.order = work, urgency, order
-        self.mels: Optional[torch.Tensor] = None
+        self.result: Optional[Result] = None
         self.error: Optional[BaseException] = None
         self.done = False
 
 
-class FlowBatcher:
-    """Runs ``FlowWork`` under ``lock``, batching equal shapes when ``max_batch`` > 1."""
+class VocoderBatcher:
+    """Runs ``VocoderWork`` under ``lock``, batching equal shapes when ``max_batch`` > 1."""
 
-    def __init__(self, lock: PriorityLock, run: Callable[[List[FlowWork]], List[torch.Tensor]],
+    def __init__(self, lock: PriorityLock, run: Callable[[List[VocoderWork]], List[Result]],
                  max_batch: int = 1):
         self.lock = lock
-        self.run = run
+        self._run = run
         self.max_batch = max_batch
         self._guard = threading.Lock()
         self._waiting: List[_Ticket] = []
@@ -56,8 +59,9 @@ class FlowBatcher:
         self.batches = 0  # calls made (for tests and metrics)
         self.rows = 0  # works done
 
-    def mels(self, work: FlowWork, urgency: int) -> torch.Tensor:
-        """``work``'s mel frames, computed alone or in a batch with other waiting streams."""
+    def run(self, work: VocoderWork, urgency: int) -> Result:
+        """``work``'s result (audio, HiFT source), computed alone or in a batch with
+        other waiting streams' calls."""
         ticket = _Ticket(work, urgency, next(self._order))
         with self._guard:
             self._waiting.append(ticket)
@@ -72,8 +76,8 @@ class FlowBatcher:
         if ticket.error is not None:
             raise ticket.error
         if not ticket.done:
-            raise RuntimeError("flow batch ended without this call's mels")
-        return ticket.mels
+            raise RuntimeError("vocoder batch ended without this call's result")
+        return ticket.result
 
     def _run_group(self, leader: _Ticket) -> None:
         with self._guard:
@@ -84,7 +88,7 @@ class FlowBatcher:
             for ticket in group:
                 self._waiting.remove(ticket)
         try:
-            results = self.run([t.work for t in group])
+            results = self._run([t.work for t in group])
         except BaseException as exc:  # every stream of the batch learns why
             for ticket in group:
                 ticket.error, ticket.done = exc, True
@@ -92,8 +96,8 @@ class FlowBatcher:
         finally:
             self.batches += 1
             self.rows += len(group)
-        for ticket, mels in zip(group, results):
-            ticket.mels, ticket.done = mels, True
+        for ticket, result in zip(group, results):
+            ticket.result, ticket.done = result, True
 
 
-__all__ = ["FlowBatcher"]
+__all__ = ["VocoderBatcher"]

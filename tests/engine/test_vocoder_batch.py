@@ -1,8 +1,10 @@
-"""Batching the vocoder's flow calls of concurrent streams (``flow_batch``, ``flow_mels_batch``).
+"""Batching the vocoder calls of concurrent streams (``vocoder_batch``, ``flow_mels_batch``,
+``hift_batch``).
 
-A batch row must be its call alone up to float rounding; a batch of one must
-be exactly ``flow_mels``; shapes never mix; a failure reaches every stream of
-its batch; a stream whose call was done for it never waits for the lock.
+A batch row must be its call alone up to float rounding, with its own HiFT
+noise; a batch of one must be exactly the call alone; shapes never mix; a
+failure reaches every stream of its batch; a stream whose call was done for
+it never waits for the lock.
 """
 
 import threading
@@ -15,11 +17,12 @@ import torch
 from chatterbox_worker.engine import SynthesisRequest
 from chatterbox_worker.engine.batch_decode import BatchDecoder
 from chatterbox_worker.engine.conditionals import VoiceConditionals
-from chatterbox_worker.engine.flow_batch import FlowBatcher
+from chatterbox_worker.engine.hift import hift, hift_batch
 from chatterbox_worker.engine.priority_lock import FIRST_AUDIO, STREAM, PriorityLock
 from chatterbox_worker.engine.synthesis import Engine
-from chatterbox_worker.engine.vocoder import (FlowWork, NoiseBank, Prompt, StreamSchedule,
-                                              flow_mels, flow_mels_batch)
+from chatterbox_worker.engine.vocoder import (NoiseBank, Prompt, StreamSchedule, VocoderWork,
+                                              flow_mels, flow_mels_batch, vocode_batch)
+from chatterbox_worker.engine.vocoder_batch import VocoderBatcher
 from chatterbox_worker.tiny_model import synthetic_reference
 
 SCHEDULE = StreamSchedule(chunk_tokens=(4, 8))
@@ -33,12 +36,12 @@ def voices(engine):
             engine.voice_from_clips([synthetic_reference(seconds=9, seed=8)])]
 
 
-def work(model, voice: VoiceConditionals, seed: int, n_tokens: int, prompt_tokens=50) -> FlowWork:
+def work(model, voice: VoiceConditionals, seed: int, n_tokens: int, prompt_tokens=50) -> VocoderWork:
     _, gen = voice.for_request(0.5)
     prompt = Prompt.from_gen(gen).last(prompt_tokens)
     tokens = torch.randint(0, 6561, (1, n_tokens), generator=torch.Generator().manual_seed(seed))
     bank = NoiseBank(seed, Prompt.from_gen(gen).feat.shape[1])
-    return FlowWork(tokens, prompt, bank.for_span(prompt.feat.shape[1], 0, 2 * n_tokens))
+    return VocoderWork(tokens, prompt, bank.for_span(prompt.feat.shape[1], 0, 2 * n_tokens), seed=seed)
 
 
 def test_a_batch_row_is_its_call_alone_up_to_rounding(model, voices):
@@ -57,22 +60,66 @@ def test_a_batch_of_one_is_exactly_flow_mels(model, voices):
     assert torch.equal(flow_mels_batch(model, [w])[0], flow_mels(model, w.tokens, w.prompt, w.noise))
 
 
+def test_hift_alone_is_upstreams_hift_after_manual_seed(model, voices):
+    """HiFT's noise comes from the call's own seed: exactly what upstream's inference draws
+    from the global generators after ``torch.manual_seed`` (with a source carried over)."""
+    w = work(model, voices[1], seed=4, n_tokens=16)
+    mels = flow_mels(model, w.tokens, w.prompt, w.noise)
+    cache = torch.linspace(-0.1, 0.1, 5 * 960).reshape(1, 1, -1)
+    audio, source = hift(model, mels, cache, seed=11)
+    torch.manual_seed(11)
+    expected, expected_source = model.s3gen.mel2wav.inference(speech_feat=mels, cache_source=cache)
+    assert torch.equal(audio, expected[0]) and torch.equal(source, expected_source)
+
+
+def test_vocoding_leaves_the_global_generator_alone(model, voices):
+    w = work(model, voices[0], seed=2, n_tokens=12)
+    torch.manual_seed(1)
+    state = torch.get_rng_state()
+    first = vocode_batch(model, [w])[0][0]
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(99)  # another global state: the same audio
+    assert torch.equal(vocode_batch(model, [w])[0][0], first)
+
+
+def test_a_hift_batch_row_is_its_call_alone_with_its_own_noise(model, voices):
+    w = work(model, voices[2], seed=6, n_tokens=14)
+    mels = flow_mels(model, w.tokens, w.prompt, w.noise)
+    seeds = [5, 6, 5]  # the same mels: rows differ by their seeds only
+    together = hift_batch(model, torch.cat([mels] * 3), seeds, [None] * 3)
+    alone = [hift(model, mels, seed=s)[0] for s in seeds]
+    for (audio, source), expected in zip(together, alone):
+        assert source.shape == (1, 1, 14 * 2 * 480)
+        assert torch.allclose(audio, expected, rtol=0, atol=1e-4), (audio - expected).abs().max()
+    assert torch.equal(together[0][0], together[2][0])  # equal seeds, equal rows
+    assert not torch.allclose(together[0][0], together[1][0], atol=1e-3)
+
+
+def test_a_vocoder_batch_is_its_calls_alone(model, voices):
+    works = [work(model, v, seed=10 + i, n_tokens=18) for i, v in enumerate(voices)]
+    alone = [vocode_batch(model, [w])[0][0] for w in works]
+    for batch_hift in (False, True):
+        together = vocode_batch(model, works, batch_hift=batch_hift)
+        for (audio, _), expected in zip(together, alone):
+            assert audio.shape == expected.shape == (18 * 960,)
+            assert torch.allclose(audio, expected, rtol=0, atol=1e-3), (audio - expected).abs().max()
+
+
 def test_work_of_other_shapes_never_shares_a_batch():
     lock, groups = PriorityLock(), []
-    release = threading.Event()
 
     def run(works):
         groups.append([w.tokens.shape[1] for w in works])
         return [w.tokens.float() for w in works]
 
-    batcher = FlowBatcher(lock, run, max_batch=8)
-    fake = [FlowWork(torch.zeros(1, n), Prompt(torch.zeros(1, 2), torch.zeros(1, 4, 80),
+    batcher = VocoderBatcher(lock, run, max_batch=8)
+    fake = [VocoderWork(torch.zeros(1, n), Prompt(torch.zeros(1, 2), torch.zeros(1, 4, 80),
                                                torch.zeros(1, 192)), torch.zeros(1, 80, 4 + 2 * n))
             for n in (3, 5, 3, 3, 5)]
     results = [None] * len(fake)
 
     def call(i):
-        results[i] = batcher.mels(fake[i], STREAM)
+        results[i] = batcher.run(fake[i], STREAM)
 
     with lock.hold(FIRST_AUDIO):  # every call queues up behind this holder
         threads = [threading.Thread(target=call, args=(i,)) for i in range(len(fake))]
@@ -89,12 +136,12 @@ def test_work_of_other_shapes_never_shares_a_batch():
 
 def test_max_batch_caps_a_batch_and_the_most_urgent_go_first():
     lock, groups = PriorityLock(), []
-    batcher = FlowBatcher(lock, lambda ws: groups.append([int(w.noise[0, 0, 0]) for w in ws])
+    batcher = VocoderBatcher(lock, lambda ws: groups.append([int(w.noise[0, 0, 0]) for w in ws])
                           or [w.noise for w in ws], max_batch=2)
     prompt = Prompt(torch.zeros(1, 2), torch.zeros(1, 4, 80), torch.zeros(1, 192))
 
     def call(i, urgency):
-        batcher.mels(FlowWork(torch.zeros(1, 3), prompt, torch.full((1, 80, 10), float(i))), urgency)
+        batcher.run(VocoderWork(torch.zeros(1, 3), prompt, torch.full((1, 80, 10), float(i))), urgency)
 
     with lock.hold(FIRST_AUDIO):
         threads = []
@@ -119,12 +166,12 @@ def test_a_failed_batch_fails_each_of_its_streams_and_the_next_call_works():
             raise RuntimeError("flow blew up")
         return [w.noise for w in works]
 
-    batcher = FlowBatcher(lock, run, max_batch=4)
+    batcher = VocoderBatcher(lock, run, max_batch=4)
     errors = []
 
     def call():
         try:
-            batcher.mels(FlowWork(torch.zeros(1, 3), prompt, torch.zeros(1, 80, 10)), STREAM)
+            batcher.run(VocoderWork(torch.zeros(1, 3), prompt, torch.zeros(1, 80, 10)), STREAM)
         except RuntimeError as exc:
             errors.append(str(exc))
 
@@ -137,7 +184,7 @@ def test_a_failed_batch_fails_each_of_its_streams_and_the_next_call_works():
     for t in threads:
         t.join(10)
     assert errors == ["flow blew up"] * 3 and calls == [3]
-    assert batcher.mels(FlowWork(torch.zeros(1, 3), prompt, torch.ones(1, 80, 10)), STREAM).sum() == 800
+    assert batcher.run(VocoderWork(torch.zeros(1, 3), prompt, torch.ones(1, 80, 10)), STREAM).sum() == 800
     assert not lock.locked() and lock.waiting == 0
 
 
@@ -170,11 +217,13 @@ def streamed(engine, voice, seed):
         stream.close()
 
 
+@pytest.mark.parametrize("batch_hift", [False, True], ids=["flow batched", "HiFT batched too"])
 def test_concurrent_streams_share_vocoder_calls_and_each_sounds_as_alone(engine, voices,
-                                                                          monkeypatch):
+                                                                          monkeypatch, batch_hift):
     batched = Engine(engine.model, watermark=False, max_batch=4, batch_vocoder=True)
+    batched.batch_hift = batch_hift  # on by default on CUDA only, where it pays
     alone = [streamed(batched, v, seed=20 + i) for i, v in enumerate(voices)]
-    assert batched._flows.batches == batched._flows.rows  # one stream at a time: no batches
+    assert batched.vocoder_calls.batches == batched.vocoder_calls.rows  # one stream at a time: no batches
 
     original, want = BatchDecoder.step, {"n": len(voices)}
 
@@ -196,7 +245,7 @@ def test_concurrent_streams_share_vocoder_calls_and_each_sounds_as_alone(engine,
         t.start()
     for t in threads:
         t.join(120)
-    assert batched._flows.rows > batched._flows.batches  # some calls did run together
+    assert batched.vocoder_calls.rows > batched.vocoder_calls.batches  # some calls did run together
     for a, b in zip(alone, results):
         assert a.shape == b.shape
         assert np.abs(a - b).max() < 1e-3  # rounding only (the exact decoder keeps the tokens)
@@ -206,3 +255,5 @@ def test_batching_is_off_on_the_exact_path_by_default(engine):
     assert engine.decoder_kind == "exact" and not engine.batch_vocoder
     assert not Engine(engine.model, watermark=False, max_batch=4).batch_vocoder
     assert not Engine(engine.model, watermark=False, max_batch=1, batch_vocoder=True).batch_vocoder
+    # HiFT batches on CUDA only: on a CPU a batch costs its rows' time alone or more.
+    assert not Engine(engine.model, watermark=False, max_batch=4, batch_vocoder=True).batch_hift
