@@ -82,6 +82,10 @@ class TokenStream:
             raise DecodeFailed(item.exc) from item.exc
         return item
 
+    def unread(self) -> int:
+        """Tokens the scheduler has decoded for this request that were not read yet (about)."""
+        return self._queue.qsize()
+
     def close(self) -> None:
         if not self._finished:
             self._finished = True

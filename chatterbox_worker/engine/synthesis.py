@@ -302,22 +302,23 @@ class Engine:
                                        schedule=schedule, steps=self.flow_steps)
             edges = _PieceEdges(fade)
             tokens = self.speech_tokens(request, piece, generator, max_tokens)
-            try:
-                for token in tokens:
-                    if not vocoder.add([token]):
-                        continue
-                    urgency = FIRST_AUDIO if first else STREAM
-                    audio = vocoder.complete(*self.vocoder_calls.run(vocoder.due(), urgency))
-                    if audio.size:
-                        yield self._mark(edges.shape(audio, last=False), urgency)
-                        first = False
-            finally:
-                tokens.close()  # a closed stream leaves the decoder before its next step
-            vocoder.add(self._end_tokens)  # vocoded with the rest
-            urgency = FIRST_AUDIO if first else STREAM
-            work = vocoder.final()
-            audio = (vocoder.flush() if work is None
-                     else vocoder.complete(*self.vocoder_calls.run(work, urgency)))
+            with self.vocoder_calls.following(vocoder, tokens) as live:
+                try:
+                    for token in tokens:
+                        if not vocoder.add([token]):
+                            continue
+                        urgency = FIRST_AUDIO if first else STREAM
+                        audio = vocoder.complete(*self.vocoder_calls.run(vocoder.due(), urgency, live))
+                        if audio.size:
+                            yield self._mark(edges.shape(audio, last=False), urgency)
+                            first = False
+                finally:
+                    tokens.close()  # a closed stream leaves the decoder before its next step
+                vocoder.add(self._end_tokens)  # vocoded with the rest
+                urgency = FIRST_AUDIO if first else STREAM
+                work = vocoder.final()
+                audio = (vocoder.flush() if work is None
+                         else vocoder.complete(*self.vocoder_calls.run(work, urgency, live)))
             yield self._mark(edges.shape(audio, last=True), urgency)
             first = False
 

@@ -255,6 +255,16 @@ class StreamingVocoder:
         self.tokens.extend(int(t) for t in speakable(new_tokens).tolist())
         return self._ready() - self.emitted >= self.schedule.chunk_size(self.chunks)
 
+    def next_call_shape(self, more: int) -> Optional[tuple]:
+        """``VocoderWork.shape`` of the chunk call this stream makes once it has ``more``
+        tokens than now; None if they complete no chunk (``vocoder_batch``'s look-ahead)."""
+        due_at = self.emitted + self.schedule.chunk_size(self.chunks) + LOOKAHEAD_TOKENS
+        have = len(self.tokens)
+        if have + more < due_at:
+            return None
+        n = max(due_at, have) - max(0, self.emitted - self.schedule.left_context_tokens)
+        return (n, self.prompt.tokens.shape[1], self.prompt.feat.shape[1] + n * MELS_PER_TOKEN)
+
     def take(self) -> np.ndarray:
         """Vocode the chunk that ``add`` said is due."""
         return self._alone(self.due())

@@ -9,7 +9,12 @@ chunks come due together with equal token counts and equal prompt lengths:
 exactly the calls that batch without padding.
 
 How: a stream whose chunk is due leaves a ticket, then waits for the vocoder
-lock. Whoever gets the lock runs its own ticket together with every waiting
+lock. Streams decode in lockstep but their threads read their tokens one after
+another, so the first to find its chunk due would find the lock free and run
+alone, the others a moment later. To prevent that, a ticket first waits (at
+most ``GATHER_S``, without the lock) while another stream the batcher follows
+has read too few of the tokens already decoded for it to see that its chunk of
+the same shape is due (``LiveStream.coming``). Whoever gets the lock runs its own ticket together with every waiting
 ticket of the same shape (most urgent first, at most ``max_batch``) and hands
 each its result; a stream whose ticket was done for it leaves the lock's
 queue at once (``PriorityLock.hold_unless``). Each row draws HiFT's noise
@@ -23,9 +28,11 @@ bit-exactness for speed (the fast path), or when the operator asks.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
-from typing import Callable, List, Optional, Tuple
+import time
+from typing import Callable, Iterator, List, Optional, Set, Tuple
 
 import torch
 
@@ -33,6 +40,28 @@ from .priority_lock import PriorityLock
 from .vocoder import VocoderWork
 
 Result = Tuple[torch.Tensor, torch.Tensor]  # (audio (N,), HiFT source (1, 1, S))
+
+# The longest a due call waits for other streams about to ask for a call of its
+# shape: a GPU vocoder call takes ~0.5 s, so a few ms that bring more rows into
+# it pay; a stream with no such company never waits.
+GATHER_S = 0.02
+
+
+class LiveStream:
+    """A streamed piece the batcher looks ahead at: its vocoder and its token feed."""
+
+    def __init__(self, vocoder, tokens):
+        self.vocoder = vocoder  # StreamingVocoder
+        self.tokens = tokens  # TokenStream: ``unread()`` tokens decoded, not yet read
+        self.asking = False  # a call posted, not yet answered (under the batcher's guard)
+
+    def coming(self) -> Optional[tuple]:
+        """The shape of the call this stream will ask for once it reads the tokens already
+        decoded for it; None if they complete no chunk. Read from another thread: a guess,
+        which at worst costs one missed batch or one ``GATHER_S`` wait."""
+        if self.asking:
+            return None
+        return self.vocoder.next_call_shape(self.tokens.unread())
 
 
 class _Ticket:
@@ -53,18 +82,37 @@ class VocoderBatcher:
         self.lock = lock
         self._run = run
         self.max_batch = max_batch
-        self._guard = threading.Lock()
+        self._guard = threading.Condition(threading.Lock())
         self._waiting: List[_Ticket] = []
+        self._live: Set[LiveStream] = set()
+        self.gather_s = GATHER_S
         self._order = itertools.count()
         self.batches = 0  # calls made (for tests and metrics)
         self.rows = 0  # works done
 
-    def run(self, work: VocoderWork, urgency: int) -> Result:
+    @contextlib.contextmanager
+    def following(self, vocoder, tokens) -> Iterator[LiveStream]:
+        """Look ahead at a streamed piece while it runs (pass what this yields to ``run``)."""
+        live = LiveStream(vocoder, tokens)
+        with self._guard:
+            self._live.add(live)
+        try:
+            yield live
+        finally:
+            with self._guard:
+                self._live.discard(live)
+                self._guard.notify_all()
+
+    def run(self, work: VocoderWork, urgency: int, live: Optional[LiveStream] = None) -> Result:
         """``work``'s result (audio, HiFT source), computed alone or in a batch with
-        other waiting streams' calls."""
+        other waiting streams' calls; ``live``: the stream asking, if ``following`` it."""
         ticket = _Ticket(work, urgency, next(self._order))
         with self._guard:
             self._waiting.append(ticket)
+            if live is not None:
+                live.asking = True
+            self._guard.notify_all()
+            self._gather(ticket)
         try:
             with self.lock.hold_unless(urgency, lambda: ticket.done) as acquired:
                 if acquired and not ticket.done:
@@ -73,11 +121,28 @@ class VocoderBatcher:
             with self._guard:  # interrupted before anyone took it: withdraw
                 if ticket in self._waiting:
                     self._waiting.remove(ticket)
+                if live is not None:
+                    live.asking = False
         if ticket.error is not None:
             raise ticket.error
         if not ticket.done:
             raise RuntimeError("vocoder batch ended without this call's result")
         return ticket.result
+
+    def _gather(self, ticket: _Ticket) -> None:
+        """Wait (guard held, lock not) while a followed stream is about to ask for a call of
+        ``ticket``'s shape and the batch has room for it."""
+        if self.max_batch < 2:
+            return
+        shape, deadline = ticket.work.shape, time.monotonic() + self.gather_s
+        while not ticket.done:
+            asked = sum(1 for t in self._waiting if t.work.shape == shape)
+            if asked >= self.max_batch or not any(s.coming() == shape for s in self._live):
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._guard.wait(remaining)
 
     def _run_group(self, leader: _Ticket) -> None:
         with self._guard:
@@ -100,4 +165,4 @@ class VocoderBatcher:
             ticket.result, ticket.done = result, True
 
 
-__all__ = ["VocoderBatcher"]
+__all__ = ["GATHER_S", "LiveStream", "VocoderBatcher"]

@@ -134,6 +134,84 @@ def test_work_of_other_shapes_never_shares_a_batch():
     assert batcher.batches == 2 and batcher.rows == 5 and lock.waiting == 0 and not lock.locked()
 
 
+class _Feed:
+    """A token feed with one decoded token not yet read."""
+
+    def unread(self):
+        return 1
+
+
+class _Vocoder:
+    """A stream whose next call, once it reads its unread tokens, has ``shape`` (or none)."""
+
+    def __init__(self, shape=None):
+        self.shape = shape
+
+    def next_call_shape(self, more):
+        return self.shape if more else None
+
+
+def _fake_work(n=3, fill=0.0):
+    prompt = Prompt(torch.zeros(1, 2), torch.zeros(1, 4, 80), torch.zeros(1, 192))
+    return VocoderWork(torch.zeros(1, n), prompt, torch.full((1, 80, 4 + 2 * n), fill))
+
+
+def test_a_due_call_waits_for_a_stream_about_to_ask_for_the_same_shape():
+    """Streams in lockstep read their tokens one after another: the first to find its chunk
+    due waits for the one that has the tokens of an equal-shaped chunk but has not read them."""
+    lock, groups = PriorityLock(), []
+    batcher = VocoderBatcher(lock, lambda ws: groups.append(len(ws)) or [w.noise for w in ws],
+                             max_batch=4)
+    batcher.gather_s = 60  # the test must not depend on timing: only the peer ends the wait
+    first, second = _fake_work(fill=1.0), _fake_work(fill=2.0)
+    with batcher.following(_Vocoder(), _Feed()) as a, \
+            batcher.following(_Vocoder(second.shape), _Feed()) as b:
+        t = threading.Thread(target=batcher.run, args=(first, FIRST_AUDIO, a))
+        t.start()
+        time.sleep(0.2)
+        assert groups == [] and t.is_alive()  # gathering, not running alone
+        batcher.run(second, FIRST_AUDIO, b)
+        t.join(10)
+    assert groups == [2] and not a.asking and not b.asking
+
+
+@pytest.mark.parametrize("peer_shape", [None, (5, 2, 14)], ids=["no chunk due", "another shape"])
+def test_a_due_call_waits_for_no_one_without_company(peer_shape):
+    lock, groups = PriorityLock(), []
+    batcher = VocoderBatcher(lock, lambda ws: groups.append(len(ws)) or [w.noise for w in ws],
+                             max_batch=4)
+    batcher.gather_s = 60
+    with batcher.following(_Vocoder(), _Feed()) as a, batcher.following(_Vocoder(peer_shape), _Feed()):
+        t = threading.Thread(target=batcher.run, args=(_fake_work(), STREAM, a))
+        t.start()
+        t.join(10)
+        assert not t.is_alive()
+    assert groups == [1]
+
+
+def test_a_stream_foresees_the_shape_of_its_next_call(model, voices):
+    """``next_call_shape``, the batcher's look-ahead, names the shape ``due()`` then has."""
+    from chatterbox_worker.engine.vocoder import StreamingVocoder
+
+    _, gen = voices[1].for_request(0.5)
+    vocoder = StreamingVocoder(model, gen, seed=1, schedule=StreamSchedule(chunk_tokens=(4, 9)))
+    tokens = torch.randint(0, 6561, (60,), generator=torch.Generator().manual_seed(0)).tolist()
+    calls = 0
+    while tokens:
+        foreseen = [vocoder.next_call_shape(k) for k in range(len(tokens) + 1)]
+        k = next((k for k, shape in enumerate(foreseen) if shape is not None), None)
+        if k is None:
+            break
+        assert k > 0 and all(shape == foreseen[k] for shape in foreseen[k:])
+        for token in tokens[:k - 1]:
+            assert not vocoder.add([token])
+        assert vocoder.add([tokens[k - 1]])
+        assert vocoder.due().shape == foreseen[k]
+        vocoder.complete(*vocode_batch(model, [vocoder.due()])[0])
+        tokens, calls = tokens[k:], calls + 1
+    assert calls >= 5
+
+
 def test_max_batch_caps_a_batch_and_the_most_urgent_go_first():
     lock, groups = PriorityLock(), []
     batcher = VocoderBatcher(lock, lambda ws: groups.append([int(w.noise[0, 0, 0]) for w in ws])
