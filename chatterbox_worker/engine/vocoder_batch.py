@@ -13,8 +13,8 @@ lock. Streams decode in lockstep but their threads read their tokens one after
 another, so the first to find its chunk due would find the lock free and run
 alone, the others a moment later. To prevent that, a ticket first waits (at
 most ``GATHER_S``, without the lock) while another stream the batcher follows
-has read too few of the tokens already decoded for it to see that its chunk of
-the same shape is due (``LiveStream.coming``). Whoever gets the lock runs its own ticket together with every waiting
+has read too few of the tokens already decoded for it (or is a step or two
+behind) to see that its chunk of the same shape is due (``LiveStream.coming``). Whoever gets the lock runs its own ticket together with every waiting
 ticket of the same shape (most urgent first, at most ``max_batch``) and hands
 each its result; a stream whose ticket was done for it leaves the lock's
 queue at once (``PriorityLock.hold_unless``). Each row draws HiFT's noise
@@ -45,6 +45,9 @@ Result = Tuple[torch.Tensor, torch.Tensor]  # (audio (N,), HiFT source (1, 1, S)
 # shape: a GPU vocoder call takes ~0.5 s, so a few ms that bring more rows into
 # it pay; a stream with no such company never waits.
 GATHER_S = 0.02
+# How many decode steps behind a stream may be and still count as about to ask:
+# jobs that arrive a few milliseconds apart join the decoder a step or two apart.
+GATHER_STEPS = 3
 
 
 class LiveStream:
@@ -57,11 +60,11 @@ class LiveStream:
 
     def coming(self) -> Optional[tuple]:
         """The shape of the call this stream will ask for once it reads the tokens already
-        decoded for it; None if they complete no chunk. Read from another thread: a guess,
+        decoded for it and ``GATHER_STEPS`` more; None if they complete no chunk. Read from another thread: a guess,
         which at worst costs one missed batch or one ``GATHER_S`` wait."""
         if self.asking:
             return None
-        return self.vocoder.next_call_shape(self.tokens.unread())
+        return self.vocoder.next_call_shape(self.tokens.unread() + GATHER_STEPS)
 
 
 class _Ticket:
