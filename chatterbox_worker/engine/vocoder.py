@@ -123,12 +123,16 @@ def flow_mels(model, tokens: torch.Tensor, prompt: Prompt, noise: torch.Tensor,
 
 @torch.inference_mode()
 def flow_mels_batch(model, works, steps: int = FLOW_STEPS) -> List[torch.Tensor]:
-    """``flow_mels`` of several calls of one ``VocoderWork.shape`` in one batch.
+    """``flow_mels`` of several calls in one batch; each row's mels (1, 80, 2N).
 
-    Upstream's encoder and Euler solver take a batch; with equal lengths no
-    row is padded, so each row is its call alone up to float rounding (the
-    matrix products sum in another order for another row count). A batch of
-    one is exactly ``flow_mels``.
+    Upstream's encoder and Euler solver take a padded batch (its
+    ``CausalMaskedDiffWithXvec.inference`` pads to the longest row): the
+    encoder's attention and the estimator's are masked to each row's length,
+    its convolutions look back only (but for the 3-token look-ahead, which
+    reads the masked zeros a row alone reads past its end), so each row is
+    its call alone up to float rounding (the matrix products sum in another
+    order for another row count). Calls of equal ``VocoderWork.shape`` need
+    no padding; a batch of one is exactly ``flow_mels``.
     """
     from chatterbox.models.s3gen.utils.mask import make_pad_mask
 
@@ -137,28 +141,62 @@ def flow_mels_batch(model, works, steps: int = FLOW_STEPS) -> List[torch.Tensor]
     device, dtype = works[0].tokens.device, model.s3gen.dtype
     embedding = torch.cat([torch.atleast_2d(w.prompt.embedding.to(device, dtype)) for w in works])
     embedding = flow.spk_embed_affine_layer(F.normalize(embedding, dim=1))
-    all_tokens = torch.cat([torch.cat([w.prompt.tokens.to(device), w.tokens], dim=1)
-                            for w in works])
-    lengths = torch.full((batch,), all_tokens.shape[1], device=device)
+    rows = [torch.cat([w.prompt.tokens.to(device), w.tokens], dim=1) for w in works]
+    lengths = torch.tensor([r.shape[1] for r in rows], device=device)
+    all_tokens = torch.zeros((batch, int(lengths.max())), dtype=rows[0].dtype, device=device)
+    for row, tokens in enumerate(rows):
+        all_tokens[row, :tokens.shape[1]] = tokens[0]
     mask = (~make_pad_mask(lengths)).unsqueeze(-1).to(embedding)
-    h, h_masks = flow.encoder(flow.input_embedding(all_tokens.long()) * mask, lengths)
+    h, h_masks = _encode(flow.encoder, flow.input_embedding(all_tokens.long()) * mask, lengths)
     h_lengths = h_masks.sum(dim=-1).squeeze(dim=-1)
-    prompt_frames = works[0].prompt.feat.shape[1]
     h = flow.encoder_proj(h)
     conds = torch.zeros([batch, h.shape[1], flow.output_size], device=device, dtype=h.dtype)
+    noise = torch.zeros([batch, flow.output_size, h.shape[1]], device=device, dtype=h.dtype)
     for row, work in enumerate(works):
-        conds[row, :prompt_frames] = work.prompt.feat[0].to(device, h.dtype)
+        conds[row, :work.prompt.feat.shape[1]] = work.prompt.feat[0].to(device, h.dtype)
+        noise[row, :, :work.noise.shape[2]] = work.noise[0].to(device, h.dtype)
     mask = (~make_pad_mask(h_lengths)).unsqueeze(1).to(h)
     t_span = torch.linspace(0, 1, steps + 1, device=device, dtype=h.dtype)
-    noise = torch.cat([w.noise.to(device, h.dtype) for w in works])
     if getattr(model.s3gen, "meanflow", False):
         feat = _mean_flow(flow.decoder, noise, t_span, h.transpose(1, 2).contiguous(), mask,
                           embedding, conds.transpose(1, 2))
-        return [feat[row:row + 1, :, prompt_frames:] for row in range(batch)]
-    t_span = 1 - torch.cos(t_span * 0.5 * torch.pi)  # upstream's cosine schedule
-    feat = flow.decoder.solve_euler(noise, t_span=t_span, mu=h.transpose(1, 2).contiguous(),
-                                    mask=mask, spks=embedding, cond=conds.transpose(1, 2))
-    return [feat[row:row + 1, :, prompt_frames:] for row in range(batch)]
+    else:
+        t_span = 1 - torch.cos(t_span * 0.5 * torch.pi)  # upstream's cosine schedule
+        feat = flow.decoder.solve_euler(noise, t_span=t_span, mu=h.transpose(1, 2).contiguous(),
+                                        mask=mask, spks=embedding, cond=conds.transpose(1, 2))
+    return [feat[row:row + 1, :, w.prompt.feat.shape[1]:w.noise.shape[2]]
+            for row, w in enumerate(works)]
+
+
+def _encode(encoder, xs: torch.Tensor, lengths: torch.Tensor):
+    """Upstream's ``UpsampleConformerEncoder.forward`` as inference calls it (full chunks),
+    with one change for padded batches: padded positions are zeroed before the 3-token
+    look-ahead. Upstream feeds it the input layer's output there, which is not zero
+    (a LayerNorm's bias), so a shorter row's last tokens looked ahead into it where the
+    row alone looks at zeros. Multiplying an unpadded row by its all-ones mask changes
+    nothing, so a row alone is bit for bit upstream's (tested)."""
+    from chatterbox.models.s3gen.utils.mask import add_optional_chunk_mask, make_pad_mask
+
+    masks = ~make_pad_mask(lengths, xs.size(1)).unsqueeze(1)  # (B, 1, T)
+    if encoder.global_cmvn is not None:
+        xs = encoder.global_cmvn(xs)
+    xs, pos_emb, masks = encoder.embed(xs, masks)
+    chunk_masks = add_optional_chunk_mask(xs, masks, encoder.use_dynamic_chunk,
+                                          encoder.use_dynamic_left_chunk, 0,
+                                          encoder.static_chunk_size, -1)
+    xs = encoder.pre_lookahead_layer(xs * masks.transpose(1, 2).to(xs.dtype))
+    xs = encoder.forward_layers(xs, chunk_masks, pos_emb, masks)
+    xs, lengths = encoder.up_layer(xs.transpose(1, 2).contiguous(), lengths)
+    xs = xs.transpose(1, 2).contiguous()
+    masks = ~make_pad_mask(lengths, xs.size(1)).unsqueeze(1)
+    xs, pos_emb, masks = encoder.up_embed(xs, masks)
+    chunk_masks = add_optional_chunk_mask(xs, masks, encoder.use_dynamic_chunk,
+                                          encoder.use_dynamic_left_chunk, 0,
+                                          encoder.static_chunk_size * encoder.up_layer.stride, -1)
+    xs = encoder.forward_up_layers(xs, chunk_masks, pos_emb, masks)
+    if encoder.normalize_before:
+        xs = encoder.after_norm(xs)
+    return xs, masks
 
 
 def _mean_flow(decoder, x, t_span, mu, mask, spks, cond):

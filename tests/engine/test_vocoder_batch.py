@@ -55,6 +55,34 @@ def test_a_batch_row_is_its_call_alone_up_to_rounding(model, voices):
     assert not torch.allclose(together[0], together[1], atol=1e-2)
 
 
+def test_rows_of_other_lengths_are_padded_and_each_is_its_call_alone(model, voices):
+    """One-shot takes and streams out of step differ in length: padded to the longest row,
+    masked, each row is still its call alone up to rounding (prompts of other lengths too)."""
+    works = [work(model, voices[0], seed=1, n_tokens=9),
+             work(model, voices[1], seed=2, n_tokens=31, prompt_tokens=20),
+             work(model, voices[2], seed=3, n_tokens=17, prompt_tokens=None)]
+    alone = [flow_mels(model, w.tokens, w.prompt, w.noise) for w in works]
+    together = flow_mels_batch(model, works)
+    for w, a, b in zip(works, alone, together):
+        assert a.shape == b.shape == (1, 80, 2 * w.tokens.shape[1])
+        assert torch.allclose(a, b, rtol=0, atol=1e-4), (a - b).abs().max()
+
+
+def test_the_encoder_alone_is_upstreams_bit_for_bit(model, voices):
+    """``_encode`` differs from upstream's encoder only at padded positions."""
+    from chatterbox_worker.engine.vocoder import _encode
+
+    w = work(model, voices[1], seed=8, n_tokens=23)
+    tokens = torch.cat([w.prompt.tokens, w.tokens], dim=1)
+    lengths = torch.tensor([tokens.shape[1]])
+    encoder = model.s3gen.flow.encoder
+    with torch.inference_mode():
+        xs = model.s3gen.flow.input_embedding(tokens.long())
+        ours, our_masks = _encode(encoder, xs, lengths)
+        theirs, their_masks = encoder(xs, lengths)
+    assert torch.equal(ours, theirs) and torch.equal(our_masks, their_masks)
+
+
 def test_a_batch_of_one_is_exactly_flow_mels(model, voices):
     w = work(model, voices[1], seed=3, n_tokens=12)
     assert torch.equal(flow_mels_batch(model, [w])[0], flow_mels(model, w.tokens, w.prompt, w.noise))
