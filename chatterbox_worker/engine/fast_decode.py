@@ -237,7 +237,7 @@ class FastDecoder:
                             len(self._slots))
                 self.remove(newest.request)
                 events.append(StepEvent(newest.request, None, True, _out_of_memory(exc)))
-                _release_cached_memory(self.device)
+                release_cached_memory(self.device)
         running = len(self._slots)
         if running:
             # Each running row wrote its new position; the next goes after it.
@@ -253,7 +253,7 @@ class FastDecoder:
                 self._prefill(request)
             except torch.OutOfMemoryError as exc:  # this request alone did not fit
                 events.append(StepEvent(request, None, True, _out_of_memory(exc)))
-                _release_cached_memory(self.device)
+                release_cached_memory(self.device)
             except Exception as exc:  # its prompt alone failed: only its own free rows were touched
                 events.append(StepEvent(request, None, True, exc))
         if not self._slots:
@@ -515,7 +515,8 @@ def _out_of_memory(exc: BaseException) -> OutOfMemory:
     return error
 
 
-def _release_cached_memory(device: torch.device) -> None:
+def release_cached_memory(device: torch.device) -> None:
+    """Hand the caching allocator's free blocks back after out of memory (CUDA only)."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -528,4 +529,5 @@ def _layer_kv(cache, layer: int):
     return cache.key_cache[layer], cache.value_cache[layer]
 
 
-__all__ = ["DEFAULT_MAX_LEN", "FastDecoder", "OutOfMemory", "counter_uniform", "sampling_probs", "slot_params"]
+__all__ = ["DEFAULT_MAX_LEN", "FastDecoder", "OutOfMemory", "counter_uniform", "release_cached_memory",
+           "sampling_probs", "slot_params"]

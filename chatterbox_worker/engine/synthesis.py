@@ -27,7 +27,7 @@ from .scheduler import Scheduler
 from .text import split_text, token_budget
 from .variants import VARIANTS, Variant
 from .vocoder import (FLOW_STEPS, StreamingVocoder, StreamSchedule, VocoderWork, Watermarker,
-                      speakable, vocode_batch, vocode_whole)
+                      speakable, vocode_batch, whole_audio, whole_work)
 from .vocoder_batch import VocoderBatcher
 
 # Between pieces of long text: fades so no piece starts or ends on a click,
@@ -156,9 +156,14 @@ class Engine:
         if batch_vocoder is None:
             batch_vocoder = self.decoder_kind == "fast"
         self.batch_vocoder = bool(batch_vocoder) and max_batch > 1
-        self.batch_hift = self.batch_vocoder and str(model.device).startswith("cuda")
+        # On CUDA, where a vocoder call costs kernel launches more than arithmetic,
+        # HiFT batches too, and calls of other lengths share a call padded (one-shot
+        # takes above all). On a CPU both would cost more than they save.
+        on_cuda = str(model.device).startswith("cuda")
+        self.batch_hift = self.batch_vocoder and on_cuda
         self.vocoder_calls = VocoderBatcher(self._lock, self._vocode,
-                                            max_batch=max_batch if self.batch_vocoder else 1)
+                                            max_batch=max_batch if self.batch_vocoder else 1,
+                                            padding=self.batch_vocoder and on_cuda)
 
     @property
     def _end_tokens(self) -> torch.Tensor:
@@ -270,10 +275,11 @@ class Engine:
             n_audio_tokens += len(tokens)
             tokens = torch.cat([tokens, self._end_tokens])
             _, gen = request.voice.for_request(request.exaggeration)
-            with self._lock.hold(WHOLE):
-                audio.append(vocode_whole(self.model, tokens, gen,
-                                          seed=(request.seed + index) % SEED_MODULUS,
-                                          steps=self.flow_steps))
+            work = whole_work(self.model, tokens, gen, seed=(request.seed + index) % SEED_MODULUS)
+            if work is None:
+                audio.append(np.zeros(0, dtype=np.float32))
+            else:  # with other jobs' takes in one call where the batcher may
+                audio.append(whole_audio(self.model, self.vocoder_calls.run(work, WHOLE)[0]))
             if progress is not None:
                 progress(index + 1, len(pieces))
         with self._lock.hold(WHOLE):

@@ -217,16 +217,26 @@ def _mean_flow(decoder, x, t_span, mu, mask, spks, cond):
 
 def vocode_batch(model, works: Sequence[VocoderWork], steps: int = FLOW_STEPS, *,
                  batch_hift: bool = False) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-    """(audio (N,), HiFT source) of each call, for calls of one ``VocoderWork.shape``.
+    """(audio (N,), HiFT source) of each call, in one batch (``flow_mels_batch``).
 
-    The flow runs as one batch; HiFT as one batch with ``batch_hift`` (it pays
-    on CUDA only, see ``hift``), else row by row, each row bit for bit its call alone.
+    The flow runs as one batch (padded where lengths differ); HiFT, whose
+    convolutions see both ways and so cannot be padded, as one batch per
+    length with ``batch_hift`` (it pays on CUDA only, see ``hift``), else row
+    by row, each row bit for bit its call's HiFT alone.
     """
     mels = flow_mels_batch(model, works, steps)
-    if batch_hift and len(works) > 1:
-        return hift_batch(model, torch.cat(mels), [w.seed for w in works],
-                          [w.cache_source for w in works])
-    return [hift(model, m, w.cache_source, seed=w.seed) for m, w in zip(mels, works)]
+    if not batch_hift:
+        return [hift(model, m, w.cache_source, seed=w.seed) for m, w in zip(mels, works)]
+    results: List[Optional[Tuple[torch.Tensor, torch.Tensor]]] = [None] * len(works)
+    by_length: dict = {}
+    for row, m in enumerate(mels):
+        by_length.setdefault(m.shape[2], []).append(row)
+    for rows in by_length.values():
+        done = hift_batch(model, torch.cat([mels[r] for r in rows]), [works[r].seed for r in rows],
+                          [works[r].cache_source for r in rows])
+        for row, result in zip(rows, done):
+            results[row] = result
+    return results
 
 
 def trim_start(model, audio: torch.Tensor) -> torch.Tensor:
@@ -241,13 +251,26 @@ def trim_start(model, audio: torch.Tensor) -> torch.Tensor:
 def vocode_whole(model, tokens: torch.Tensor, gen: dict, *, seed: int,
                  steps: int = FLOW_STEPS) -> np.ndarray:
     """One-shot: all tokens of a piece at once, as upstream's S3Gen.inference."""
+    work = whole_work(model, tokens, gen, seed=seed)
+    if work is None:
+        return np.zeros(0, dtype=np.float32)
+    [(audio, _)] = vocode_batch(model, [work], steps)
+    return whole_audio(model, audio)
+
+
+def whole_work(model, tokens: torch.Tensor, gen: dict, *, seed: int) -> Optional[VocoderWork]:
+    """The vocoder call of a one-shot piece (``vocode_whole``); None for no speech tokens."""
     tokens = speakable(tokens).to(model.device).unsqueeze(0)
     if tokens.shape[1] == 0:
-        return np.zeros(0, dtype=np.float32)
+        return None
     prompt = Prompt.from_gen(gen)
     bank = NoiseBank(seed, prompt.feat.shape[1])
     noise = bank.for_span(prompt.feat.shape[1], 0, tokens.shape[1] * MELS_PER_TOKEN)
-    [(audio, _)] = vocode_batch(model, [VocoderWork(tokens, prompt, noise, seed=seed)], steps)
+    return VocoderWork(tokens, prompt, noise, seed=seed)
+
+
+def whole_audio(model, audio: torch.Tensor) -> np.ndarray:
+    """A one-shot call's audio as upstream returns it: faded in, float32 on the host."""
     return trim_start(model, audio).float().cpu().numpy()
 
 

@@ -21,6 +21,13 @@ queue at once (``PriorityLock.hold_unless``). Each row draws HiFT's noise
 from its own seed (``hift``), so batching never mixes one stream's random
 numbers into another's.
 
+With ``padding`` (``Engine`` sets it on CUDA), calls of other lengths share
+a batch too, padded to the longest (``flow_mels_batch``): one-shot takes,
+which end at their own lengths, and streams out of step. The padding a row
+may cost is bounded (``PAD_RATIO``), and so are the frames of one call
+(``MAX_FRAMES``): out of memory in a batch of several runs each of its calls
+alone instead.
+
 Rows of a batch equal their calls alone up to float rounding, not bit for
 bit; ``Engine`` turns batching on only where the decoder already gives up
 bit-exactness for speed (the fast path), or when the operator asks.
@@ -30,14 +37,18 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import threading
 import time
 from typing import Callable, Iterator, List, Optional, Set, Tuple
 
 import torch
 
+from .fast_decode import release_cached_memory
 from .priority_lock import PriorityLock
 from .vocoder import VocoderWork
+
+log = logging.getLogger(__name__)
 
 Result = Tuple[torch.Tensor, torch.Tensor]  # (audio (N,), HiFT source (1, 1, S))
 
@@ -48,6 +59,10 @@ GATHER_S = 0.02
 # How many decode steps behind a stream may be and still count as about to ask:
 # jobs that arrive a few milliseconds apart join the decoder a step or two apart.
 GATHER_STEPS = 3
+# Padded batches: the longest row at most this many times the shortest, and at
+# most this many frames (rows x longest row) in one call.
+PAD_RATIO = 1.5
+MAX_FRAMES = 32768
 
 
 class LiveStream:
@@ -81,10 +96,11 @@ class VocoderBatcher:
     """Runs ``VocoderWork`` under ``lock``, batching equal shapes when ``max_batch`` > 1."""
 
     def __init__(self, lock: PriorityLock, run: Callable[[List[VocoderWork]], List[Result]],
-                 max_batch: int = 1):
+                 max_batch: int = 1, padding: bool = False):
         self.lock = lock
         self._run = run
         self.max_batch = max_batch
+        self.padding = padding
         self._guard = threading.Condition(threading.Lock())
         self._waiting: List[_Ticket] = []
         self._live: Set[LiveStream] = set()
@@ -147,25 +163,71 @@ class VocoderBatcher:
                 return
             self._guard.wait(remaining)
 
+    def _group(self, leader: _Ticket) -> List[_Ticket]:
+        """The leader and the waiting calls that join it: equal shapes first, then (with
+        ``padding``) others within the padding bounds, most urgent and oldest first."""
+        def frames(ticket):
+            return ticket.work.shape[2]
+
+        others = sorted((t for t in self._waiting if t is not leader),
+                        key=lambda t: (t.work.shape != leader.work.shape, t.urgency, t.order))
+        group = [leader]
+        for ticket in others:
+            if len(group) >= self.max_batch:
+                break
+            if ticket.work.shape != leader.work.shape:
+                if not self.padding:
+                    break  # sorted: no equal shapes left
+                longest = max(frames(ticket), *map(frames, group))
+                shortest = min(frames(ticket), *map(frames, group))
+                if longest > PAD_RATIO * shortest or longest * (len(group) + 1) > MAX_FRAMES:
+                    continue
+            group.append(ticket)
+        return group
+
     def _run_group(self, leader: _Ticket) -> None:
         with self._guard:
-            same = sorted((t for t in self._waiting
-                           if t is not leader and t.work.shape == leader.work.shape),
-                          key=lambda t: (t.urgency, t.order))
-            group = [leader] + same[:max(0, self.max_batch - 1)]
+            group = self._group(leader)
             for ticket in group:
                 self._waiting.remove(ticket)
         try:
-            results = self._run([t.work for t in group])
+            results = self._run_or_split([t.work for t in group])
         except BaseException as exc:  # every stream of the batch learns why
             for ticket in group:
                 ticket.error, ticket.done = exc, True
             raise
+        for ticket, result in zip(group, results):
+            if isinstance(result, BaseException):
+                ticket.error = result
+            else:
+                ticket.result = result
+            ticket.done = True
+
+    def _run_or_split(self, works: List[VocoderWork]) -> list:
+        """Results of ``works`` in one call; out of memory with several, each alone
+        (a call that fails alone gets its own error, the others their results)."""
+        try:
+            return self._counted(works)
+        except torch.OutOfMemoryError:
+            if len(works) == 1:
+                raise
+            log.warning("out of memory vocoding %d calls together: running each alone", len(works))
+            release_cached_memory(works[0].tokens.device)
+        results: list = []
+        for work in works:
+            try:
+                results.extend(self._counted([work]))
+            except torch.OutOfMemoryError as exc:
+                results.append(exc)
+                release_cached_memory(work.tokens.device)
+        return results
+
+    def _counted(self, works: List[VocoderWork]) -> list:
+        try:
+            return self._run(works)
         finally:
             self.batches += 1
-            self.rows += len(group)
-        for ticket, result in zip(group, results):
-            ticket.result, ticket.done = result, True
+            self.rows += len(works)
 
 
 __all__ = ["GATHER_S", "LiveStream", "VocoderBatcher"]

@@ -316,7 +316,7 @@ def token_tap(plain_turbo, monkeypatch):
     from chatterbox_worker.engine import synthesis
 
     taps = {"decoded": [], "vocoded": []}
-    original, vocode = plain_turbo.speech_tokens, synthesis.vocode_whole
+    original, vocode = plain_turbo.speech_tokens, synthesis.whole_work
 
     def tapped(*args, **kwargs):
         tokens = []
@@ -330,7 +330,7 @@ def token_tap(plain_turbo, monkeypatch):
         return vocode(model, tokens, *args, **kwargs)
 
     monkeypatch.setattr(plain_turbo, "speech_tokens", tapped)
-    monkeypatch.setattr(synthesis, "vocode_whole", vocoded)
+    monkeypatch.setattr(synthesis, "whole_work", vocoded)
     return taps
 
 

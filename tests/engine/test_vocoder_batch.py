@@ -262,6 +262,71 @@ def test_max_batch_caps_a_batch_and_the_most_urgent_go_first():
     assert groups == [[2, 0], [1]]
 
 
+def _queued(batcher, lock, works, urgency=STREAM):
+    """Run ``works`` through ``batcher`` from threads that all queue behind one holder."""
+    results = [None] * len(works)
+
+    def call(i):
+        try:
+            results[i] = batcher.run(works[i], urgency)
+        except Exception as exc:  # noqa: BLE001 - the test looks at what each call got
+            results[i] = exc
+
+    with lock.hold(FIRST_AUDIO):
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(len(works))]
+        for t in threads:
+            t.start()
+        while lock.waiting < len(works):
+            time.sleep(0.001)
+    for t in threads:
+        t.join(10)
+    return results
+
+
+def test_with_padding_calls_of_near_lengths_share_a_batch_and_far_ones_do_not():
+    lock, groups = PriorityLock(), []
+
+    def run(works):
+        groups.append(sorted(w.tokens.shape[1] for w in works))
+        return [w.tokens.shape[1] for w in works]
+
+    batcher = VocoderBatcher(lock, run, max_batch=8, padding=True)
+    # frames: 4 + 2n; 20 and 24 tokens are within 1.5x of each other, 60 is not
+    results = _queued(batcher, lock, [_fake_work(n) for n in (20, 24, 60, 20)])
+    assert results == [20, 24, 60, 20]
+    assert sorted(groups) == [[20, 20, 24], [60]]
+
+
+def test_padding_never_exceeds_the_frames_of_one_call(monkeypatch):
+    from chatterbox_worker.engine import vocoder_batch
+
+    monkeypatch.setattr(vocoder_batch, "MAX_FRAMES", 100)  # two rows of 44 frames, not three
+    lock, groups = PriorityLock(), []
+    batcher = VocoderBatcher(lock, lambda ws: groups.append(len(ws)) or [0] * len(ws),
+                             max_batch=8, padding=True)
+    _queued(batcher, lock, [_fake_work(20), _fake_work(19), _fake_work(18)])
+    assert sorted(groups) == [1, 2]
+
+
+def test_out_of_memory_in_a_batch_runs_each_call_alone():
+    """A batch that does not fit is split: each call runs alone; one that does not fit even
+    alone fails alone, with the device's out-of-memory error; the others get their audio."""
+    lock, calls = PriorityLock(), []
+
+    def run(works):
+        calls.append(len(works))
+        if len(works) > 1 or int(works[0].noise[0, 0, 0]) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return [int(works[0].noise[0, 0, 0])]
+
+    batcher = VocoderBatcher(lock, run, max_batch=4)
+    results = _queued(batcher, lock, [_fake_work(fill=float(i)) for i in range(4)])
+    assert calls == [4, 1, 1, 1, 1]
+    assert results[:2] == [0, 1] and results[3] == 3
+    assert isinstance(results[2], torch.OutOfMemoryError)
+    assert batcher.run(_fake_work(fill=5.0), STREAM) == 5  # and the next call works
+
+
 def test_a_failed_batch_fails_each_of_its_streams_and_the_next_call_works():
     lock, calls = PriorityLock(), []
     prompt = Prompt(torch.zeros(1, 2), torch.zeros(1, 4, 80), torch.zeros(1, 192))
@@ -357,9 +422,39 @@ def test_concurrent_streams_share_vocoder_calls_and_each_sounds_as_alone(engine,
         assert np.abs(a - b).max() < 1e-3  # rounding only (the exact decoder keeps the tokens)
 
 
+def test_concurrent_one_shot_takes_of_other_lengths_share_a_padded_call(engine, voices):
+    """With padding (CUDA's default), one-shot takes that end while the vocoder is busy run
+    as one call, each take as it sounds alone up to rounding."""
+    batched = Engine(engine.model, watermark=False, max_batch=4, batch_vocoder=True)
+    batched.vocoder_calls.padding = True
+    budgets = [24, 28, 32]
+    requests = [SynthesisRequest(text="One-shot takes share the vocoder.", voice=v, seed=30 + i)
+                for i, v in enumerate(voices)]
+    alone = [batched.synthesize(r, max_tokens=b).audio for r, b in zip(requests, budgets)]
+    calls, results = batched.vocoder_calls.batches, [None] * len(requests)
+
+    def run(i):
+        results[i] = batched.synthesize(requests[i], max_tokens=budgets[i]).audio
+
+    with batched._lock.hold(FIRST_AUDIO):  # the vocoder is busy while all three decode
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
+        for t in threads:
+            t.start()
+        while batched._lock.waiting < len(requests):
+            time.sleep(0.001)
+    for t in threads:
+        t.join(120)
+    assert batched.vocoder_calls.batches == calls + 1
+    assert len({len(a) for a in alone}) > 1  # other lengths indeed
+    for a, b in zip(alone, results):
+        assert a.shape == b.shape
+        assert np.abs(a - b).max() < 1e-3
+
+
 def test_batching_is_off_on_the_exact_path_by_default(engine):
     assert engine.decoder_kind == "exact" and not engine.batch_vocoder
     assert not Engine(engine.model, watermark=False, max_batch=4).batch_vocoder
     assert not Engine(engine.model, watermark=False, max_batch=1, batch_vocoder=True).batch_vocoder
-    # HiFT batches on CUDA only: on a CPU a batch costs its rows' time alone or more.
-    assert not Engine(engine.model, watermark=False, max_batch=4, batch_vocoder=True).batch_hift
+    # HiFT batches, and other lengths pad, on CUDA only: on a CPU they cost more than they save.
+    on_cpu = Engine(engine.model, watermark=False, max_batch=4, batch_vocoder=True)
+    assert not on_cpu.batch_hift and not on_cpu.vocoder_calls.padding
