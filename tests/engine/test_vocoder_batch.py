@@ -44,6 +44,32 @@ def work(model, voice: VoiceConditionals, seed: int, n_tokens: int, prompt_token
     return VocoderWork(tokens, prompt, bank.for_span(prompt.feat.shape[1], 0, 2 * n_tokens), seed=seed)
 
 
+def _fake_work(n=3, fill=0.0):
+    prompt = Prompt(torch.zeros(1, 2), torch.zeros(1, 4, 80), torch.zeros(1, 192))
+    return VocoderWork(torch.zeros(1, n), prompt, torch.full((1, 80, 4 + 2 * n), fill))
+
+
+def _queued(batcher, lock, works, urgency=STREAM):
+    """Run ``works`` through ``batcher`` from threads that all queue behind one holder."""
+    results = [None] * len(works)
+
+    def call(i):
+        try:
+            results[i] = batcher.run(works[i], urgency)
+        except Exception as exc:  # noqa: BLE001 - the test looks at what each call got
+            results[i] = exc
+
+    with lock.hold(FIRST_AUDIO):
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(len(works))]
+        for t in threads:
+            t.start()
+        while lock.waiting < len(works):
+            time.sleep(0.001)
+    for t in threads:
+        t.join(10)
+    return results
+
+
 def test_a_batch_row_is_its_call_alone_up_to_rounding(model, voices):
     works = [work(model, v, seed=i, n_tokens=20) for i, v in enumerate(voices)]
     alone = [flow_mels(model, w.tokens, w.prompt, w.noise) for w in works]
@@ -141,22 +167,7 @@ def test_work_of_other_shapes_never_shares_a_batch():
         return [w.tokens.float() for w in works]
 
     batcher = VocoderBatcher(lock, run, max_batch=8)
-    fake = [VocoderWork(torch.zeros(1, n), Prompt(torch.zeros(1, 2), torch.zeros(1, 4, 80),
-                                               torch.zeros(1, 192)), torch.zeros(1, 80, 4 + 2 * n))
-            for n in (3, 5, 3, 3, 5)]
-    results = [None] * len(fake)
-
-    def call(i):
-        results[i] = batcher.run(fake[i], STREAM)
-
-    with lock.hold(FIRST_AUDIO):  # every call queues up behind this holder
-        threads = [threading.Thread(target=call, args=(i,)) for i in range(len(fake))]
-        for t in threads:
-            t.start()
-        while lock.waiting < len(fake):
-            time.sleep(0.001)
-    for t in threads:
-        t.join(10)
+    results = _queued(batcher, lock, [_fake_work(n) for n in (3, 5, 3, 3, 5)])
     assert sorted(map(sorted, groups)) == [[3, 3, 3], [5, 5]]
     assert [r.shape[1] for r in results] == [3, 5, 3, 3, 5]
     assert batcher.batches == 2 and batcher.rows == 5 and lock.waiting == 0 and not lock.locked()
@@ -177,11 +188,6 @@ class _Vocoder:
 
     def next_call_shape(self, more):
         return self.shape if more else None
-
-
-def _fake_work(n=3, fill=0.0):
-    prompt = Prompt(torch.zeros(1, 2), torch.zeros(1, 4, 80), torch.zeros(1, 192))
-    return VocoderWork(torch.zeros(1, n), prompt, torch.full((1, 80, 4 + 2 * n), fill))
 
 
 def test_a_due_call_waits_for_a_stream_about_to_ask_for_the_same_shape():
@@ -262,27 +268,6 @@ def test_max_batch_caps_a_batch_and_the_most_urgent_go_first():
     assert groups == [[2, 0], [1]]
 
 
-def _queued(batcher, lock, works, urgency=STREAM):
-    """Run ``works`` through ``batcher`` from threads that all queue behind one holder."""
-    results = [None] * len(works)
-
-    def call(i):
-        try:
-            results[i] = batcher.run(works[i], urgency)
-        except Exception as exc:  # noqa: BLE001 - the test looks at what each call got
-            results[i] = exc
-
-    with lock.hold(FIRST_AUDIO):
-        threads = [threading.Thread(target=call, args=(i,)) for i in range(len(works))]
-        for t in threads:
-            t.start()
-        while lock.waiting < len(works):
-            time.sleep(0.001)
-    for t in threads:
-        t.join(10)
-    return results
-
-
 def test_with_padding_calls_of_near_lengths_share_a_batch_and_far_ones_do_not():
     lock, groups = PriorityLock(), []
 
@@ -329,7 +314,6 @@ def test_out_of_memory_in_a_batch_runs_each_call_alone():
 
 def test_a_failed_batch_fails_each_of_its_streams_and_the_next_call_works():
     lock, calls = PriorityLock(), []
-    prompt = Prompt(torch.zeros(1, 2), torch.zeros(1, 4, 80), torch.zeros(1, 192))
 
     def run(works):
         calls.append(len(works))
@@ -338,24 +322,9 @@ def test_a_failed_batch_fails_each_of_its_streams_and_the_next_call_works():
         return [w.noise for w in works]
 
     batcher = VocoderBatcher(lock, run, max_batch=4)
-    errors = []
-
-    def call():
-        try:
-            batcher.run(VocoderWork(torch.zeros(1, 3), prompt, torch.zeros(1, 80, 10)), STREAM)
-        except RuntimeError as exc:
-            errors.append(str(exc))
-
-    with lock.hold(FIRST_AUDIO):
-        threads = [threading.Thread(target=call) for _ in range(3)]
-        for t in threads:
-            t.start()
-        while lock.waiting < 3:
-            time.sleep(0.001)
-    for t in threads:
-        t.join(10)
-    assert errors == ["flow blew up"] * 3 and calls == [3]
-    assert batcher.run(VocoderWork(torch.zeros(1, 3), prompt, torch.ones(1, 80, 10)), STREAM).sum() == 800
+    results = _queued(batcher, lock, [_fake_work() for _ in range(3)])
+    assert [str(r) for r in results] == ["flow blew up"] * 3 and calls == [3]
+    assert batcher.run(_fake_work(fill=1.0), STREAM).sum() == 80 * 10
     assert not lock.locked() and lock.waiting == 0
 
 
