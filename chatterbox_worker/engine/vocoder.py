@@ -142,11 +142,13 @@ def flow_mels_batch(model, works, steps: int = FLOW_STEPS) -> List[torch.Tensor]
     embedding = torch.cat([torch.atleast_2d(w.prompt.embedding.to(device, dtype)) for w in works])
     embedding = flow.spk_embed_affine_layer(F.normalize(embedding, dim=1))
     rows = [torch.cat([w.prompt.tokens.to(device), w.tokens], dim=1) for w in works]
+    # Lengths are known on the host: no device round trip for them (nor in the masks).
+    longest = max(r.shape[1] for r in rows)
     lengths = torch.tensor([r.shape[1] for r in rows], device=device)
-    all_tokens = torch.zeros((batch, int(lengths.max())), dtype=rows[0].dtype, device=device)
+    all_tokens = torch.zeros((batch, longest), dtype=rows[0].dtype, device=device)
     for row, tokens in enumerate(rows):
         all_tokens[row, :tokens.shape[1]] = tokens[0]
-    mask = (~make_pad_mask(lengths)).unsqueeze(-1).to(embedding)
+    mask = (~make_pad_mask(lengths, longest)).unsqueeze(-1).to(embedding)
     h, h_masks = _encode(flow.encoder, flow.input_embedding(all_tokens.long()) * mask, lengths)
     h_lengths = h_masks.sum(dim=-1).squeeze(dim=-1)
     h = flow.encoder_proj(h)
@@ -155,7 +157,7 @@ def flow_mels_batch(model, works, steps: int = FLOW_STEPS) -> List[torch.Tensor]
     for row, work in enumerate(works):
         conds[row, :work.prompt.feat.shape[1]] = work.prompt.feat[0].to(device, h.dtype)
         noise[row, :, :work.noise.shape[2]] = work.noise[0].to(device, h.dtype)
-    mask = (~make_pad_mask(h_lengths)).unsqueeze(1).to(h)
+    mask = (~make_pad_mask(h_lengths, h.shape[1])).unsqueeze(1).to(h)
     t_span = torch.linspace(0, 1, steps + 1, device=device, dtype=h.dtype)
     if getattr(model.s3gen, "meanflow", False):
         feat = _mean_flow(flow.decoder, noise, t_span, h.transpose(1, 2).contiguous(), mask,

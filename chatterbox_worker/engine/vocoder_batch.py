@@ -149,19 +149,27 @@ class VocoderBatcher:
         return ticket.result
 
     def _gather(self, ticket: _Ticket) -> None:
-        """Wait (guard held, lock not) while a followed stream is about to ask for a call of
-        ``ticket``'s shape and the batch has room for it."""
+        """Wait (guard held, lock not) while a followed stream is about to ask for a call that
+        may join ``ticket``'s (``_joins``) and the batch has room for it."""
         if self.max_batch < 2:
             return
         shape, deadline = ticket.work.shape, time.monotonic() + self.gather_s
         while not ticket.done:
-            asked = sum(1 for t in self._waiting if t.work.shape == shape)
-            if asked >= self.max_batch or not any(s.coming() == shape for s in self._live):
+            asked = sum(1 for t in self._waiting if self._joins(shape, t.work.shape))
+            coming = (s.coming() for s in self._live)
+            if asked >= self.max_batch or not any(c is not None and self._joins(shape, c)
+                                                  for c in coming):
                 return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
             self._guard.wait(remaining)
+
+    def _joins(self, shape: tuple, other: tuple) -> bool:
+        """Whether a call of ``other`` shape may share a batch with one of ``shape``."""
+        if other == shape:
+            return True
+        return self.padding and max(shape[2], other[2]) <= PAD_RATIO * min(shape[2], other[2])
 
     def _group(self, leader: _Ticket) -> List[_Ticket]:
         """The leader and the waiting calls that join it: equal shapes first, then (with

@@ -209,6 +209,23 @@ def test_a_due_call_waits_for_a_stream_about_to_ask_for_the_same_shape():
     assert groups == [2] and not a.asking and not b.asking
 
 
+def test_with_padding_a_due_call_waits_for_a_stream_about_to_ask_for_a_near_shape():
+    lock, groups = PriorityLock(), []
+    batcher = VocoderBatcher(lock, lambda ws: groups.append(len(ws)) or [w.noise for w in ws],
+                             max_batch=4, padding=True)
+    batcher.gather_s = 60
+    first, second = _fake_work(20), _fake_work(22)  # 44 and 48 frames: within 1.5x
+    with batcher.following(_Vocoder(), _Feed()) as a, \
+            batcher.following(_Vocoder(second.shape), _Feed()) as b:
+        t = threading.Thread(target=batcher.run, args=(first, STREAM, a))
+        t.start()
+        time.sleep(0.2)
+        assert groups == [] and t.is_alive()
+        batcher.run(second, STREAM, b)
+        t.join(10)
+    assert groups == [2]
+
+
 @pytest.mark.parametrize("peer_shape", [None, (5, 2, 14)], ids=["no chunk due", "another shape"])
 def test_a_due_call_waits_for_no_one_without_company(peer_shape):
     lock, groups = PriorityLock(), []
