@@ -409,7 +409,16 @@ def side_ours(args, side: Side) -> None:
     side.result["model"] = engine.model.describe()
     side.result["engine"] = {"max_batch": getattr(engine, "max_batch", None),
                              "decoder": getattr(engine, "decoder_kind", None),
-                             "cuda_graphs": getattr(engine, "cuda_graphs", None)}
+                             "cuda_graphs": getattr(engine, "cuda_graphs", None),
+                             "vocoder_batching": getattr(engine, "batch_vocoder", None),
+                             "hift_batching": getattr(engine, "batch_hift", None),
+                             "vocoder_padding": getattr(getattr(engine, "vocoder_calls", None),
+                                                        "padding", None)}
+    calls = getattr(engine, "vocoder_calls", None)
+
+    def vocoder_counts():
+        """(calls, rows) the vocoder has made so far: rows > calls where calls were shared."""
+        return (calls.batches, calls.rows) if calls is not None else (None, None)
     weights = t3_weights(engine.model.t3)
     side.result["t3_weights"] = weights
     problem = format_applied(fmt, weights)
@@ -583,7 +592,9 @@ def side_ours(args, side: Side) -> None:
                 # Distinct seeds within a row and across repetitions; job i of repetition 1
                 # has upstream's job i seed (same tokens), in both modes.
                 seed0 = SEED + 1000 * rep
+                calls0, rows0 = vocoder_counts()
                 results, wall = run_jobs(mode, concurrency, seed0)
+                calls1, rows1 = vocoder_counts()
                 errors = [r["error"] for r in results if "error" in r]
                 if errors:
                     side.result["rows"].append({"mode": mode, "concurrency": concurrency,
@@ -596,6 +607,8 @@ def side_ours(args, side: Side) -> None:
                              "audio_s_per_wall_s": audio / wall,
                              "first_audio_s": spread(first),
                              "distinct_audio": len({r["audio_sha256"] for r in results}),
+                             "vocoder_calls": None if calls0 is None else calls1 - calls0,
+                             "vocoder_rows": None if rows0 is None else rows1 - rows0,
                              "jobs": results, "peak_gpu_mb": side.row_gpu_peak()})
                 walls[(mode, concurrency)] = statistics.median(r["wall_s"] for r in reps)
                 rows = [r for r in side.result["rows"]
@@ -738,7 +751,8 @@ def summarise(report: dict) -> dict:
             "ratio_to_upstream_sequential": ratio(rep["audio_s_per_wall_s"], up_rate),
             "first_audio_s": rep["first_audio_s"],
             "slowest_first_audio_over_alone": ratio(rep["first_audio_s"]["max"], alone.get(row["mode"])),
-            "distinct_audio": rep["distinct_audio"], "peak_gpu_mb": rep["peak_gpu_mb"]})
+            "distinct_audio": rep["distinct_audio"], "peak_gpu_mb": rep["peak_gpu_mb"],
+            "vocoder_calls": rep.get("vocoder_calls"), "vocoder_rows": rep.get("vocoder_rows")})
     return summary
 
 
@@ -778,21 +792,23 @@ def tables(report: dict) -> str:
               f"`ChatterboxTTS.generate` run sequentially on {len(up_gen.get('jobs', []))} jobs "
               f"(a sequential rate is constant, so a few jobs measure it).",
               "",
-              "| side | N | reps | wall s | audio s | audio s / wall s | x upstream | first audio s: min / median / p95 / max | slowest first / alone | peak GPU MB |",
-              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
+              "| side | N | reps | wall s | audio s | audio s / wall s | x upstream | first audio s: min / median / p95 / max | slowest first / alone | vocoder calls / their rows | peak GPU MB |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- | ---: |"]
     if up_gen:
         lines.append(f"| upstream generate, sequential | 1 | {len(up_gen['jobs'])} jobs | {f(up_gen['wall_s'])} | "
-                     f"{f(up_gen['audio_s'])} | {f(up_rate, 3)} | 1.000 | | | |")
+                     f"{f(up_gen['audio_s'])} | {f(up_rate, 3)} | 1.000 | | | | |")
     for row in s["throughput"]:
         if row.get("error"):
-            lines.append(f"| ours, {row['mode']} | {row['concurrency']} | failed: {row['error'][:160]} | | | | | | | |")
+            lines.append(f"| ours, {row['mode']} | {row['concurrency']} | failed: {row['error'][:160]} | | | | | | | | |")
             continue
         fa = row["first_audio_s"]
         lines.append(f"| ours, {row['mode']} | {row['concurrency']} | {row['repeats']} | {f(row['wall_s'])} | "
                      f"{f(row['audio_s'])} | {f(row['audio_s_per_wall_s'], 3)} | "
                      f"{f(row['ratio_to_upstream_sequential'], 3)} | "
                      f"{fa['min']:.3f} / {fa['median']:.3f} / {fa['p95']:.3f} / {fa['max']:.3f} | "
-                     f"{f(row['slowest_first_audio_over_alone'], 2)} | {f(row['peak_gpu_mb'], 0)} |")
+                     f"{f(row['slowest_first_audio_over_alone'], 2)} | "
+                     f"{f(row.get('vocoder_calls'), 0)} / {f(row.get('vocoder_rows'), 0)} | "
+                     f"{f(row['peak_gpu_mb'], 0)} |")
     lines += ["", "Peak memory of each side's process (whole run of that process):", "",
               "| side | decoder slots | peak RSS MB | ratio to upstream | peak GPU MB | ratio to upstream | RSS after load / after batch-1 decode MB |",
               "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]

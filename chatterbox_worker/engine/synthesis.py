@@ -142,8 +142,9 @@ class Engine:
         self.cuda_graphs = cuda_graphs and str(model.device).startswith("cuda")
         self.watermarker = Watermarker(watermark)
         # T3 decoding of every job runs on the scheduler's one thread, where
-        # concurrent jobs share each step (continuous batching). Vocoder calls,
-        # building a voice and the watermark take this lock, one at a time:
+        # concurrent jobs share each step (continuous batching). Vocoder calls
+        # and building a voice take this lock, one at a time (the watermark has
+        # its own: a chunk ready to go out never waits for another job's call):
         # two at once would only split the same device (and double the
         # activations in memory); concurrent streams share a call instead
         # (``vocoder_calls``). It is held per call, so one job's vocoding
@@ -283,8 +284,7 @@ class Engine:
                 audio.append(whole_audio(self.model, self.vocoder_calls.run(work, WHOLE)[0]))
             if progress is not None:
                 progress(index + 1, len(pieces))
-        with self._lock.hold(WHOLE):
-            take = self.watermarker.apply(join_pieces(audio, self.sample_rate), self.sample_rate)
+        take = self.watermarker.apply(join_pieces(audio, self.sample_rate), self.sample_rate)
         take = np.clip(take, -1.0, 1.0).astype(np.float32)
         return Synthesis(audio=take, sample_rate=self.sample_rate, pieces=len(pieces),
                          speech_tokens=n_tokens, audio_tokens=n_audio_tokens, total_s=time.perf_counter() - started)
@@ -317,7 +317,7 @@ class Engine:
                         urgency = FIRST_AUDIO if first else STREAM
                         audio = vocoder.complete(*self.vocoder_calls.run(vocoder.due(), urgency, live))
                         if audio.size:
-                            yield self._mark(edges.shape(audio, last=False), urgency)
+                            yield self._mark(edges.shape(audio, last=False))
                             first = False
                 finally:
                     tokens.close()  # a closed stream leaves the decoder before its next step
@@ -326,16 +326,15 @@ class Engine:
                 work = vocoder.final()
                 audio = (vocoder.flush() if work is None
                          else vocoder.complete(*self.vocoder_calls.run(work, urgency, live)))
-            yield self._mark(edges.shape(audio, last=True), urgency)
+            yield self._mark(edges.shape(audio, last=True))
             first = False
 
     def _vocode(self, works: List[VocoderWork]) -> list:
         """One vocoder call for ``works`` of one shape (``vocoder_calls`` holds the lock)."""
         return vocode_batch(self.model, works, self.flow_steps, batch_hift=self.batch_hift)
 
-    def _mark(self, audio: np.ndarray, urgency: int = STREAM) -> np.ndarray:
-        with self._lock.hold(urgency):
-            marked = self.watermarker.apply(audio, self.sample_rate)
+    def _mark(self, audio: np.ndarray) -> np.ndarray:
+        marked = self.watermarker.apply(audio, self.sample_rate)
         return np.clip(marked, -1.0, 1.0).astype(np.float32)
 
     def warm_up(self) -> Optional[float]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -404,11 +405,12 @@ class StreamingVocoder:
 
 
 class Watermarker:
-    """Upstream's Perth implicit watermark."""
+    """Upstream's Perth implicit watermark; one mark at a time (its own lock, not the vocoder's)."""
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
         self._perth = None
+        self._lock = threading.Lock()
         if enabled:
             import perth
 
@@ -420,6 +422,6 @@ class Watermarker:
         if not self.enabled or audio.size == 0:
             return audio
         # Perth leaks memory when called outside inference mode.
-        with torch.inference_mode():
+        with self._lock, torch.inference_mode():
             marked = self._perth.apply_watermark(audio, sample_rate=sample_rate)
         return np.asarray(marked, dtype=np.float32)

@@ -152,6 +152,23 @@ def test_closing_the_stream_stops_decoding_within_one_chunk(plain, monkeypatch):
     assert plain.synthesize(request(plain, text="Next job.")).audio.size > 0
 
 
+def test_a_chunk_ready_to_go_never_waits_for_another_jobs_vocoder_call(engine):
+    """The watermark has its own lock: while another job's vocoder call holds the vocoder,
+    a finished chunk is still marked and goes out."""
+    import threading
+
+    from chatterbox_worker.engine.priority_lock import FIRST_AUDIO
+
+    marked = []
+    chunk = np.full(24000, 0.1, dtype=np.float32)
+    with engine._lock.hold(FIRST_AUDIO):  # another job's call in progress
+        t = threading.Thread(target=lambda: marked.append(engine._mark(chunk)))
+        t.start()
+        t.join(60)
+        assert not t.is_alive() and len(marked) == 1
+    assert marked[0].shape == chunk.shape and not np.array_equal(marked[0], chunk)
+
+
 def test_chunks_carry_the_watermark(engine, plain):
     marked = list(itertools.islice(engine.stream(request(engine)), 2))
     unmarked = list(itertools.islice(plain.stream(request(plain)), 2))
@@ -160,8 +177,8 @@ def test_chunks_carry_the_watermark(engine, plain):
 
 
 def test_a_streams_first_chunk_asks_the_vocoder_first(engine, monkeypatch):
-    """The first chunk of a take (its fade and watermark too) waits at FIRST_AUDIO
-    urgency, later chunks at STREAM, one-shot takes at WHOLE."""
+    """The first chunk of a take waits for the vocoder at FIRST_AUDIO urgency, later chunks
+    at STREAM, one-shot takes at WHOLE."""
     from chatterbox_worker.engine import priority_lock
     from chatterbox_worker.engine.priority_lock import FIRST_AUDIO, STREAM, WHOLE
 
@@ -176,8 +193,8 @@ def test_a_streams_first_chunk_asks_the_vocoder_first(engine, monkeypatch):
     request = SynthesisRequest(text="Hello there, one piece.", voice=engine.builtin_voice, seed=3)
     chunks = list(engine.stream(request, max_tokens=60))
     assert len(chunks) >= 3
-    assert asked[:2] == [FIRST_AUDIO, FIRST_AUDIO]  # vocode, watermark
-    assert set(asked[2:]) == {STREAM}
+    assert asked[0] == FIRST_AUDIO  # the first chunk's vocoder call (the watermark takes no turn)
+    assert set(asked[1:]) == {STREAM}
     asked.clear()
     engine.synthesize(request, max_tokens=20)
     assert set(asked) == {WHOLE}
