@@ -317,7 +317,9 @@ class Engine:
                         urgency = FIRST_AUDIO if first else STREAM
                         audio = vocoder.complete(*self.vocoder_calls.run(vocoder.due(), urgency, live))
                         if audio.size:
-                            yield self._mark(edges.shape(audio, last=False))
+                            chunk = self._mark(edges.shape(audio, last=False))
+                            with live.handing_over():
+                                yield chunk
                             first = False
                 finally:
                     tokens.close()  # a closed stream leaves the decoder before its next step

@@ -322,6 +322,8 @@ class StreamingVocoder:
     def next_call_shape(self, more: int) -> Optional[tuple]:
         """``VocoderWork.shape`` of the chunk call this stream makes once it has ``more``
         tokens than now; None if they complete no chunk (``vocoder_batch``'s look-ahead)."""
+        if self._pending is not None:  # a call made and not yet complete: its next is far
+            return None
         due_at = self.emitted + self.schedule.chunk_size(self.chunks) + LOOKAHEAD_TOKENS
         have = len(self.tokens)
         if have + more < due_at:
@@ -367,6 +369,7 @@ class StreamingVocoder:
                      else audio[stop - base:end * SAMPLES_PER_TOKEN - base].copy())
         self.emitted = end
         self.chunks += 1
+        self._pending = None
         return piece
 
     def flush(self) -> np.ndarray:

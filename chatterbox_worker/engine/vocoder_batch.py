@@ -11,8 +11,8 @@ exactly the calls that batch without padding.
 How: a stream whose chunk is due leaves a ticket, then waits for the vocoder
 lock. Streams decode in lockstep but their threads read their tokens one after
 another, so the first to find its chunk due would find the lock free and run
-alone, the others a moment later. To prevent that, a ticket first waits (at
-most ``GATHER_S``, without the lock) while another stream the batcher follows
+alone, the others a moment later. To prevent that, the call that gets the lock
+first waits (at most ``GATHER_S``) while another stream the batcher follows
 has read too few of the tokens already decoded for it (or is a step or two
 behind) to see that its chunk of the same shape is due (``LiveStream.coming``). Whoever gets the lock runs its own ticket together with every waiting
 ticket of the same shape (most urgent first, at most ``max_batch``) and hands
@@ -72,12 +72,23 @@ class LiveStream:
         self.vocoder = vocoder  # StreamingVocoder
         self.tokens = tokens  # TokenStream: ``unread()`` tokens decoded, not yet read
         self.asking = False  # a call posted, not yet answered (under the batcher's guard)
+        self.away = False  # handed a chunk to its consumer, not yet back for more
+
+    @contextlib.contextmanager
+    def handing_over(self) -> Iterator[None]:
+        """Around a ``yield`` of audio: a consumer may take its time, and tokens pile up
+        meanwhile, so the stream is not counted as about to ask while away."""
+        self.away = True
+        try:
+            yield
+        finally:
+            self.away = False
 
     def coming(self) -> Optional[tuple]:
         """The shape of the call this stream will ask for once it reads the tokens already
         decoded for it and ``GATHER_STEPS`` more; None if they complete no chunk. Read from another thread: a guess,
         which at worst costs one missed batch or one ``GATHER_S`` wait."""
-        if self.asking:
+        if self.asking or self.away:
             return None
         return self.vocoder.next_call_shape(self.tokens.unread() + GATHER_STEPS)
 
@@ -101,7 +112,9 @@ class VocoderBatcher:
         self._run = run
         self.max_batch = max_batch
         self.padding = padding
-        self._guard = threading.Condition(threading.Lock())
+        # Re-entrant: a stream's generator finalised by the collector while this thread
+        # holds the guard leaves ``following`` through the same guard.
+        self._guard = threading.Condition(threading.RLock())
         self._waiting: List[_Ticket] = []
         self._live: Set[LiveStream] = set()
         self.gather_s = GATHER_S
@@ -126,13 +139,12 @@ class VocoderBatcher:
         """``work``'s result (audio, HiFT source), computed alone or in a batch with
         other waiting streams' calls; ``live``: the stream asking, if ``following`` it."""
         ticket = _Ticket(work, urgency, next(self._order))
-        with self._guard:
-            self._waiting.append(ticket)
-            if live is not None:
-                live.asking = True
-            self._guard.notify_all()
-            self._gather(ticket)
         try:
+            with self._guard:
+                self._waiting.append(ticket)
+                if live is not None:
+                    live.asking = True
+                self._guard.notify_all()
             with self.lock.hold_unless(urgency, lambda: ticket.done) as acquired:
                 if acquired and not ticket.done:
                     self._run_group(ticket)
@@ -149,8 +161,12 @@ class VocoderBatcher:
         return ticket.result
 
     def _gather(self, ticket: _Ticket) -> None:
-        """Wait (guard held, lock not) while a followed stream is about to ask for a call that
-        may join ``ticket``'s (``_joins``) and the batch has room for it."""
+        """Wait (guard and vocoder lock held) while a followed stream is about to ask for a
+        call that may join ``ticket``'s (``_joins``) and the batch has room for it.
+
+        The leader waits holding the lock, so its turn (a first chunk's urgency) is
+        not lost to a call that arrives meanwhile; the streams it waits for need
+        no lock to reach their next call (the watermark has its own)."""
         if self.max_batch < 2:
             return
         shape, deadline = ticket.work.shape, time.monotonic() + self.gather_s
@@ -195,39 +211,47 @@ class VocoderBatcher:
 
     def _run_group(self, leader: _Ticket) -> None:
         with self._guard:
+            self._gather(leader)
             group = self._group(leader)
             for ticket in group:
                 self._waiting.remove(ticket)
         try:
             results = self._run_or_split([t.work for t in group])
+            for ticket, result in zip(group, results, strict=True):
+                if isinstance(result, BaseException):
+                    ticket.error = result
+                else:
+                    ticket.result = result
         except BaseException as exc:  # every stream of the batch learns why
             for ticket in group:
-                ticket.error, ticket.done = exc, True
+                if ticket.result is None and ticket.error is None:
+                    ticket.error = exc
             raise
-        for ticket, result in zip(group, results):
-            if isinstance(result, BaseException):
-                ticket.error = result
-            else:
-                ticket.result = result
-            ticket.done = True
+        finally:
+            for ticket in group:
+                ticket.done = True
 
     def _run_or_split(self, works: List[VocoderWork]) -> list:
         """Results of ``works`` in one call; out of memory with several, each alone
         (a call that fails alone gets its own error, the others their results)."""
+        device = works[0].tokens.device
         try:
             return self._counted(works)
         except torch.OutOfMemoryError:
             if len(works) == 1:
                 raise
             log.warning("out of memory vocoding %d calls together: running each alone", len(works))
-            release_cached_memory(works[0].tokens.device)
+        # Released here, after the except: its traceback held the batch's activations.
+        release_cached_memory(device)
         results: list = []
         for work in works:
             try:
                 results.extend(self._counted([work]))
             except torch.OutOfMemoryError as exc:
-                results.append(exc)
-                release_cached_memory(work.tokens.device)
+                # Without its traceback, the error keeps none of the failed call's tensors.
+                results.append(exc.with_traceback(None))
+            if isinstance(results[-1], BaseException):
+                release_cached_memory(device)
         return results
 
     def _counted(self, works: List[VocoderWork]) -> list:

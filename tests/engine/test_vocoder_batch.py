@@ -18,7 +18,7 @@ from chatterbox_worker.engine import SynthesisRequest
 from chatterbox_worker.engine.batch_decode import BatchDecoder
 from chatterbox_worker.engine.conditionals import VoiceConditionals
 from chatterbox_worker.engine.hift import hift, hift_batch
-from chatterbox_worker.engine.priority_lock import FIRST_AUDIO, STREAM, PriorityLock
+from chatterbox_worker.engine.priority_lock import FIRST_AUDIO, STREAM, WHOLE, PriorityLock
 from chatterbox_worker.engine.synthesis import Engine
 from chatterbox_worker.engine.vocoder import (NoiseBank, Prompt, StreamSchedule, VocoderWork,
                                               flow_mels, flow_mels_batch, vocode_batch)
@@ -226,6 +226,48 @@ def test_with_padding_a_due_call_waits_for_a_stream_about_to_ask_for_a_near_shap
     assert groups == [2]
 
 
+def test_a_gathering_first_chunk_keeps_its_turn():
+    """The call that gathers holds the vocoder meanwhile: a one-shot take that arrives
+    then (another shape, no company) runs after the gathered batch, not before it."""
+    lock, groups = PriorityLock(), []
+    batcher = VocoderBatcher(lock, lambda ws: groups.append([w.tokens.shape[1] for w in ws])
+                             or [w.noise for w in ws], max_batch=4)
+    batcher.gather_s = 60
+    first, second, whole = _fake_work(3), _fake_work(3, fill=1.0), _fake_work(9)
+    with batcher.following(_Vocoder(), _Feed()) as a, \
+            batcher.following(_Vocoder(second.shape), _Feed()) as b:
+        t = threading.Thread(target=batcher.run, args=(first, FIRST_AUDIO, a))
+        t.start()
+        deadline = time.monotonic() + 10
+        while not lock.locked() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert lock.locked()  # the first call has the vocoder while it gathers
+        c = threading.Thread(target=batcher.run, args=(whole, WHOLE))
+        c.start()
+        while lock.waiting < 1:
+            time.sleep(0.001)
+        batcher.run(second, FIRST_AUDIO, b)
+        t.join(10)
+        c.join(10)
+    assert groups == [[3, 3], [9]]
+
+
+def test_a_stream_handing_a_chunk_to_its_consumer_is_not_waited_for():
+    """A stream suspended at its ``yield`` (a slow consumer) piles up tokens: it must not
+    count as about to ask, or every other call would wait the whole gather time."""
+    lock, groups = PriorityLock(), []
+    batcher = VocoderBatcher(lock, lambda ws: groups.append(len(ws)) or [0] * len(ws), max_batch=4)
+    batcher.gather_s = 60
+    work = _fake_work()
+    with batcher.following(_Vocoder(), _Feed()) as a, \
+            batcher.following(_Vocoder(work.shape), _Feed()) as b, b.handing_over():
+        t = threading.Thread(target=batcher.run, args=(work, STREAM, a))
+        t.start()
+        t.join(10)
+        assert not t.is_alive()
+    assert groups == [1] and not b.away
+
+
 @pytest.mark.parametrize("peer_shape", [None, (5, 2, 14)], ids=["no chunk due", "another shape"])
 def test_a_due_call_waits_for_no_one_without_company(peer_shape):
     lock, groups = PriorityLock(), []
@@ -258,6 +300,7 @@ def test_a_stream_foresees_the_shape_of_its_next_call(model, voices):
             assert not vocoder.add([token])
         assert vocoder.add([tokens[k - 1]])
         assert vocoder.due().shape == foreseen[k]
+        assert vocoder.next_call_shape(1000) is None  # a call in flight: nothing else soon
         vocoder.complete(*vocode_batch(model, [vocoder.due()])[0])
         tokens, calls = tokens[k:], calls + 1
     assert calls >= 5
