@@ -43,18 +43,20 @@ class NoiseSource:
                           else torch.Generator(device=self.device).manual_seed(seed))
 
     def phases(self, harmonics: int) -> torch.Tensor:
-        """(1, harmonics, 1): ``Uniform(-pi, pi).sample`` with upstream's float32 bounds."""
+        """(1, harmonics, 1) on the host: ``Uniform(-pi, pi).sample`` with upstream's float32 bounds."""
         low, high = torch.tensor(-np.pi, dtype=torch.float32), torch.tensor(np.pi, dtype=torch.float32)
         rand = torch.rand((1, harmonics, 1), generator=self.cpu)
-        return (low + rand * (high - low)).to(self.device)
+        return low + rand * (high - low)
 
     def normal(self, shape, dtype: torch.dtype) -> torch.Tensor:
         return torch.randn(shape, generator=self.on_device, device=self.device, dtype=dtype)
 
 
-def sine_source(m_source, f0: torch.Tensor, noises: Sequence[NoiseSource]) -> torch.Tensor:
+def sine_source(m_source, f0: torch.Tensor, noises: Sequence[NoiseSource],
+                phases: torch.Tensor) -> torch.Tensor:
     """Upstream's ``SourceModuleHnNSF.forward`` (with ``SineGen.forward``), row ``r``'s
-    random numbers from ``noises[r]``: the merged source (B, T, 1) for f0 (B, T, 1)."""
+    random numbers from ``noises[r]`` (its phases drawn first: ``phases``, on the device):
+    the merged source (B, T, 1) for f0 (B, T, 1)."""
     gen = m_source.l_sin_gen
     f0 = f0.transpose(1, 2)  # (B, 1, T)
     harmonics = gen.harmonic_num + 1
@@ -62,7 +64,7 @@ def sine_source(m_source, f0: torch.Tensor, noises: Sequence[NoiseSource]) -> to
     for i in range(harmonics):  # upstream's loop, for upstream's rounding
         f_mat[:, i:i + 1, :] = f0 * (i + 1) / gen.sampling_rate
     theta = 2 * np.pi * (torch.cumsum(f_mat, dim=-1) % 1)
-    phase = torch.cat([noise.phases(harmonics) for noise in noises])
+    phase = phases.clone()
     phase[:, 0, :] = 0
     sine = gen.sine_amp * torch.sin(theta + phase)
     uv = gen._f02uv(f0)
@@ -83,10 +85,15 @@ def hift_batch(model, mels: torch.Tensor, seeds: Sequence[int],
     s3gen = model.s3gen
     vocoder = s3gen.mel2wav
     feat = mels.to(s3gen.dtype)
+    noises = [NoiseSource(seed, feat.device) for seed in seeds]
+    # Drawn on the host and copied once, before this call queues any kernel (a copy
+    # from pageable memory waits for the device's queue). Each generator still
+    # draws its phases before its noise, as upstream.
+    harmonics = vocoder.m_source.l_sin_gen.harmonic_num + 1
+    phases = torch.cat([noise.phases(harmonics) for noise in noises]).to(feat.device)
     f0 = vocoder.f0_predictor(feat)
     upsampled = vocoder.f0_upsamp(f0[:, None]).transpose(1, 2)
-    noises = [NoiseSource(seed, feat.device) for seed in seeds]
-    source = sine_source(vocoder.m_source, upsampled, noises).transpose(1, 2)
+    source = sine_source(vocoder.m_source, upsampled, noises, phases).transpose(1, 2)
     for row, cache in enumerate(cache_sources):
         if cache is not None and cache.shape[2]:  # continuity with the previous chunk
             source[row, :, :cache.shape[2]] = cache[0]

@@ -99,7 +99,7 @@ class VocoderWork:
     """One vocoder call's input: speech tokens, the voice prompt and the flow's noise;
     HiFT's seed and the sine source carried over from the stream's previous call."""
 
-    tokens: torch.Tensor  # (1, N) long, on the model's device
+    tokens: torch.Tensor  # (1, N) long, on the host (copied with the batch's other inputs)
     prompt: Prompt
     noise: torch.Tensor  # (1, 80, prompt frames + 2N)
     seed: int = 0  # HiFT's sine source draws from generators seeded with this
@@ -139,25 +139,35 @@ def flow_mels_batch(model, works, steps: int = FLOW_STEPS) -> List[torch.Tensor]
 
     flow = model.s3gen.flow
     batch = len(works)
-    device, dtype = works[0].tokens.device, model.s3gen.dtype
+    device, dtype = works[0].prompt.tokens.device, model.s3gen.dtype
+    # The speech tokens and the noise come from the host. Each is stacked there and
+    # copied once, before any kernel of this call is queued: a copy from pageable
+    # memory waits for the device's queue to drain. Lengths stay on the host too.
+    prompts = [w.prompt.tokens.shape[1] for w in works]
+    speech = [w.tokens.shape[1] for w in works]
+    totals = [p + n for p, n in zip(prompts, speech)]
+    longest = max(totals)
+    host_tokens = torch.zeros((batch, max(speech)), dtype=torch.long)
+    host_noise = torch.zeros((batch, flow.output_size, max(w.noise.shape[2] for w in works)),
+                             dtype=dtype)
+    for row, w in enumerate(works):
+        host_tokens[row, :speech[row]] = w.tokens[0].cpu()
+        host_noise[row, :, :w.noise.shape[2]] = w.noise[0].cpu()
+    speech_tokens, noise = host_tokens.to(device), host_noise.to(device)
+    lengths = torch.tensor(totals).to(device)
     embedding = torch.cat([torch.atleast_2d(w.prompt.embedding.to(device, dtype)) for w in works])
     embedding = flow.spk_embed_affine_layer(F.normalize(embedding, dim=1))
-    rows = [torch.cat([w.prompt.tokens.to(device), w.tokens], dim=1) for w in works]
-    # Lengths are known on the host: no device round trip for them (nor in the masks).
-    longest = max(r.shape[1] for r in rows)
-    lengths = torch.tensor([r.shape[1] for r in rows], device=device)
-    all_tokens = torch.zeros((batch, longest), dtype=rows[0].dtype, device=device)
-    for row, tokens in enumerate(rows):
-        all_tokens[row, :tokens.shape[1]] = tokens[0]
+    all_tokens = torch.zeros((batch, longest), dtype=torch.long, device=device)
+    for row, w in enumerate(works):
+        all_tokens[row, :prompts[row]] = w.prompt.tokens[0]
+        all_tokens[row, prompts[row]:totals[row]] = speech_tokens[row, :speech[row]]
     mask = (~make_pad_mask(lengths, longest)).unsqueeze(-1).to(embedding)
     h, h_masks = _encode(flow.encoder, flow.input_embedding(all_tokens.long()) * mask, lengths)
     h_lengths = h_masks.sum(dim=-1).squeeze(dim=-1)
     h = flow.encoder_proj(h)
     conds = torch.zeros([batch, h.shape[1], flow.output_size], device=device, dtype=h.dtype)
-    noise = torch.zeros([batch, flow.output_size, h.shape[1]], device=device, dtype=h.dtype)
     for row, work in enumerate(works):
         conds[row, :work.prompt.feat.shape[1]] = work.prompt.feat[0].to(device, h.dtype)
-        noise[row, :, :work.noise.shape[2]] = work.noise[0].to(device, h.dtype)
     mask = (~make_pad_mask(h_lengths, h.shape[1])).unsqueeze(1).to(h)
     t_span = torch.linspace(0, 1, steps + 1, device=device, dtype=h.dtype)
     if getattr(model.s3gen, "meanflow", False):
@@ -263,7 +273,7 @@ def vocode_whole(model, tokens: torch.Tensor, gen: dict, *, seed: int,
 
 def whole_work(model, tokens: torch.Tensor, gen: dict, *, seed: int) -> Optional[VocoderWork]:
     """The vocoder call of a one-shot piece (``vocode_whole``); None for no speech tokens."""
-    tokens = speakable(tokens).to(model.device).unsqueeze(0)
+    tokens = speakable(tokens).unsqueeze(0)  # on the host, as ``VocoderWork`` wants
     if tokens.shape[1] == 0:
         return None
     prompt = Prompt.from_gen(gen)
@@ -389,7 +399,7 @@ class StreamingVocoder:
         sched = self.schedule
         start = max(0, self.emitted - sched.left_context_tokens)
         available = len(self.tokens)
-        tokens = torch.tensor(self.tokens[start:available], device=self.model.device).unsqueeze(0)
+        tokens = torch.tensor(self.tokens[start:available]).unsqueeze(0)  # host: no device wait
         noise = self.noise.for_span(self.prompt.feat.shape[1], start * MELS_PER_TOKEN,
                                     available * MELS_PER_TOKEN)
         self._pending = (start, end, final)

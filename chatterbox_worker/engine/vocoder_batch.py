@@ -234,7 +234,7 @@ class VocoderBatcher:
     def _run_or_split(self, works: List[VocoderWork]) -> list:
         """Results of ``works`` in one call; out of memory with several, each alone
         (a call that fails alone gets its own error, the others their results)."""
-        device = works[0].tokens.device
+        device = works[0].prompt.tokens.device
         try:
             return self._counted(works)
         except torch.OutOfMemoryError:
