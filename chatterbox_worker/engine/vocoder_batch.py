@@ -14,8 +14,9 @@ another, so the first to find its chunk due would find the lock free and run
 alone, the others a moment later. To prevent that, the call that gets the lock
 first waits (at most ``GATHER_S``) while another stream the batcher follows
 has read too few of the tokens already decoded for it (or is a step or two
-behind) to see that its chunk of the same shape is due (``LiveStream.coming``). Whoever gets the lock runs its own ticket together with every waiting
-ticket of the same shape (most urgent first, at most ``max_batch``) and hands
+behind) to see that its chunk of the same shape is due (``LiveStream.coming``).
+Whoever gets the lock runs its own ticket together with every waiting ticket
+of the same shape (most urgent first, at most ``max_batch``) and hands
 each its result; a stream whose ticket was done for it leaves the lock's
 queue at once (``PriorityLock.hold_unless``). Each row draws HiFT's noise
 from its own seed (``hift``), so batching never mixes one stream's random
@@ -86,8 +87,9 @@ class LiveStream:
 
     def coming(self) -> Optional[tuple]:
         """The shape of the call this stream will ask for once it reads the tokens already
-        decoded for it and ``GATHER_STEPS`` more; None if they complete no chunk. Read from another thread: a guess,
-        which at worst costs one missed batch or one ``GATHER_S`` wait."""
+        decoded for it and ``GATHER_STEPS`` more; None if they complete no chunk. Read from
+        another thread: a guess, which at worst costs one missed batch or one ``GATHER_S``
+        wait."""
         if self.asking or self.away:
             return None
         return self.vocoder.next_call_shape(self.tokens.unread() + GATHER_STEPS)
