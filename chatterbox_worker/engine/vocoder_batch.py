@@ -37,6 +37,7 @@ bit-exactness for speed (the fast path), or when the operator asks.
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import logging
 import threading
@@ -156,8 +157,8 @@ class VocoderBatcher:
                     self._waiting.remove(ticket)
                 if live is not None:
                     live.asking = False
-        if ticket.error is not None:
-            raise ticket.error
+        if ticket.error is not None:  # (the leader's own error propagated from _run_group)
+            raise _own_copy(ticket.error) from ticket.error
         if not ticket.done:
             raise RuntimeError("vocoder batch ended without this call's result")
         return ticket.result
@@ -187,7 +188,8 @@ class VocoderBatcher:
         """Whether a call of ``other`` shape may share a batch with one of ``shape``."""
         if other == shape:
             return True
-        return self.padding and max(shape[2], other[2]) <= PAD_RATIO * min(shape[2], other[2])
+        longest, shortest = max(shape[2], other[2]), min(shape[2], other[2])
+        return self.padding and longest <= PAD_RATIO * shortest and 2 * longest <= MAX_FRAMES
 
     def _group(self, leader: _Ticket) -> List[_Ticket]:
         """The leader and the waiting calls that join it: equal shapes first, then (with
@@ -262,6 +264,16 @@ class VocoderBatcher:
         finally:
             self.batches += 1
             self.rows += len(works)
+
+
+def _own_copy(error: BaseException) -> BaseException:
+    """The batch's error for one more of its streams: of the same type (callers map errors
+    by type), but a new object, so that threads raising it do not rewrite one shared
+    traceback; the original is its cause."""
+    try:
+        return copy.copy(error).with_traceback(None)
+    except Exception:  # a type that cannot be copied from its args
+        return RuntimeError(f"the vocoder call this job shared failed: {error}")
 
 
 __all__ = ["GATHER_S", "LiveStream", "VocoderBatcher"]

@@ -384,6 +384,9 @@ def test_a_failed_batch_fails_each_of_its_streams_and_the_next_call_works():
     batcher = VocoderBatcher(lock, run, max_batch=4)
     results = _queued(batcher, lock, [_fake_work() for _ in range(3)])
     assert [str(r) for r in results] == ["flow blew up"] * 3 and calls == [3]
+    # Each stream raises an error object of its own (one shared object would have its
+    # traceback rewritten by every thread raising it), all of the batch's type.
+    assert len({id(r) for r in results}) == 3 and {type(r) for r in results} == {RuntimeError}
     assert batcher.run(_fake_work(fill=1.0), STREAM).sum() == 80 * 10
     assert not lock.locked() and lock.waiting == 0
 
