@@ -332,7 +332,7 @@ class Engine:
             first = False
 
     def _vocode(self, works: List[VocoderWork]) -> list:
-        """One vocoder call for ``works`` of one shape (``vocoder_calls`` holds the lock)."""
+        """One vocoder call for the ``works`` ``vocoder_calls`` grouped (it holds the lock)."""
         return vocode_batch(self.model, works, self.flow_steps, batch_hift=self.batch_hift)
 
     def _mark(self, audio: np.ndarray) -> np.ndarray:

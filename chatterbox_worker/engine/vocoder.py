@@ -16,8 +16,9 @@ cost on a CPU), the last tokens wait for S3Gen's 3-token look-ahead, HiFT's
 sine source is carried over, and seams are crossfaded.
 
 A vocoder call's whole input is a ``VocoderWork``; ``vocode_batch`` runs
-calls of one shape together (the flow as one batch, HiFT as one batch where
-that pays: ``hift``), which is how concurrent streams share the vocoder.
+calls together (the flow as one batch, padded where lengths differ; HiFT as one
+batch per length where that pays: ``hift``), which is how concurrent jobs share
+the vocoder.
 """
 
 from __future__ import annotations

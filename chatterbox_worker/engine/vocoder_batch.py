@@ -107,7 +107,8 @@ class _Ticket:
 
 
 class VocoderBatcher:
-    """Runs ``VocoderWork`` under ``lock``, batching equal shapes when ``max_batch`` > 1."""
+    """Runs ``VocoderWork`` under ``lock``, batching equal shapes (and, with ``padding``,
+    near lengths) when ``max_batch`` > 1."""
 
     def __init__(self, lock: PriorityLock, run: Callable[[List[VocoderWork]], List[Result]],
                  max_batch: int = 1, padding: bool = False):
