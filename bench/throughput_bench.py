@@ -413,7 +413,16 @@ def side_ours(args, side: Side) -> None:
                              "vocoder_batching": getattr(engine, "batch_vocoder", None),
                              "hift_batching": getattr(engine, "batch_hift", None),
                              "vocoder_padding": getattr(getattr(engine, "vocoder_calls", None),
-                                                        "padding", None)}
+                                                        "padding", None),
+                             "vocoder_graphs": getattr(engine, "flow_graphs", None) is not None}
+    flow_graphs = getattr(engine, "flow_graphs", None)
+
+    def graph_counts() -> Optional[dict]:
+        """The vocoder's CUDA graphs so far: captured, solves replayed, solves run eagerly."""
+        if flow_graphs is None:
+            return None
+        return {"captures": flow_graphs.captures, "replays": flow_graphs.replays,
+                "eager": flow_graphs.eager, "enabled": flow_graphs.enabled}
     calls = getattr(engine, "vocoder_calls", None)
 
     def vocoder_counts():
@@ -609,6 +618,7 @@ def side_ours(args, side: Side) -> None:
                              "distinct_audio": len({r["audio_sha256"] for r in results}),
                              "vocoder_calls": None if calls0 is None else calls1 - calls0,
                              "vocoder_rows": None if rows0 is None else rows1 - rows0,
+                             "vocoder_graphs": graph_counts(),
                              "jobs": results, "peak_gpu_mb": side.row_gpu_peak()})
                 walls[(mode, concurrency)] = statistics.median(r["wall_s"] for r in reps)
                 rows = [r for r in side.result["rows"]

@@ -14,11 +14,13 @@
 #   1. install the carried wheels (SKIP_INSTALL=1 skips: a prepared venv, e.g.
 #      PYTHON=.venv/bin/python SKIP_INSTALL=1 SIZE=tiny TOKENS=40 bash bench/gpu/run.sh);
 #   2. build the random checkpoint (SIZE=full|tiny);
-#   3. bench/throughput_bench.py: upstream baseline, batch-1 decode per format,
+#   3. bench/gpu/vocoder_graphs.py: the vocoder's flow solve under CUDA graphs vs eager (same
+#      mels? seconds per call), at most ~150 s (VOCODER_GRAPHS=0 skips it);
+#   4. bench/throughput_bench.py: upstream baseline, batch-1 decode per format,
 #      streamed then one-shot concurrency rows, with --max-seconds = what is left
 #      minus STREAM_RESERVE_S; rows that would not fit are skipped and reported;
-#   4. bench/stream_bench.py in the time left (STREAM_BENCH=0 skips it);
-#   5. bench/variants_bench.py (each model vs its upstream class) in the time left,
+#   5. bench/stream_bench.py in the time left (STREAM_BENCH=0 skips it);
+#   6. bench/variants_bench.py (each model vs its upstream class) in the time left,
 #      if at least 120 s (VARIANTS_BENCH=0 skips it). The default budget leaves it
 #      none; a variants-only run: THROUGHPUT_BENCH=0 STREAM_BENCH=0 bash bench/gpu/run.sh
 #      (not yet tried on a GPU; it builds the turbo and multilingual checkpoints, ~40 s each
@@ -65,6 +67,15 @@ else
   FORMATS=${FORMATS:-float32}
   CONCURRENCY=${CONCURRENCY:-1,2}
 fi
+# The vocoder's CUDA graphs vs eager: same mels, and how much faster (VOCODER_GRAPHS=0 skips).
+if [ "${VOCODER_GRAPHS:-1}" != 0 ]; then
+  status=0
+  timeout 150 "$PYTHON" bench/gpu/vocoder_graphs.py --checkpoint "$CKPT" --device "$DEVICE" \
+    --max-seconds 90 --out "$OUT/vocoder-graphs-$SIZE-$DEVICE.json" 2> "$OUT/vocoder-graphs.stderr.log" \
+    | tee "$OUT/vocoder-graphs-$SIZE-$DEVICE.md" || status=$?
+  echo "vocoder graphs check: exit $status after ${SECONDS}s"
+fi
+
 reserve=0
 if [ "$STREAM_BENCH" != 0 ]; then reserve=$STREAM_RESERVE_S; fi
 left=$((BUDGET_S - SECONDS - reserve - 5))

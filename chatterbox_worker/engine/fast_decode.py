@@ -360,7 +360,9 @@ class FastDecoder:
         graph = torch.cuda.CUDAGraph()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # "thread_local": vocoder threads keep reading results from the device
+        # meanwhile, which a "global" capture refuses (failing their calls).
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             self._step_body(bucket, span)
         self._graphs[(bucket, span)] = graph
         log.info("captured the T3 decode step for %d slot(s), %d positions", bucket, span)

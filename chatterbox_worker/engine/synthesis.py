@@ -20,6 +20,7 @@ from .conditionals import S3GEN_SR, VoiceConditionals, build_conditionals, from_
 from .decode import SamplingParams, text_tokens_for
 from .batch_decode import BatchDecoder, DecodeRequest
 from .fast_decode import FastDecoder
+from .flow_graphs import FlowGraphs
 from .turbo_batch import TurboBatchDecoder
 from .model import ChatterboxModel, t3_format
 from .priority_lock import FIRST_AUDIO, STREAM, WHOLE, PriorityLock
@@ -129,6 +130,8 @@ class Engine:
                  cuda_graphs: bool = True, flow_steps: int = FLOW_STEPS,
                  batch_vocoder: Optional[bool] = None):
         """``max_batch``: most requests decoding at once (the worker's concurrency);
+        ``cuda_graphs``: on CUDA, replay T3's decode step and the vocoder's flow
+        solve from CUDA graphs (off: eager, for debugging);
         ``flow_steps``: the vocoder's flow-matching steps (upstream: 10);
         ``batch_vocoder``: run concurrent jobs' vocoder calls as one batch
         (``vocoder_batch``); None: on CUDA only. There a call is bound by
@@ -140,6 +143,11 @@ class Engine:
         self.flow_steps = flow_steps
         self.max_batch = max_batch
         self.cuda_graphs = cuda_graphs and str(model.device).startswith("cuda")
+        # On CUDA the decode step (``FastDecoder``) and the vocoder's flow solve
+        # (``FlowGraphs``) replay CUDA graphs: both are bound by kernel launches there.
+        self.flow_graphs = (FlowGraphs(model.s3gen.flow.decoder,
+                                       meanflow=getattr(model.s3gen, "meanflow", False))
+                            if self.cuda_graphs else None)
         self.watermarker = Watermarker(watermark)
         # T3 decoding of every job runs on the scheduler's one thread, where
         # concurrent jobs share each step (continuous batching). Vocoder calls
@@ -333,7 +341,8 @@ class Engine:
 
     def _vocode(self, works: List[VocoderWork]) -> list:
         """One vocoder call for the ``works`` ``vocoder_calls`` grouped (it holds the lock)."""
-        return vocode_batch(self.model, works, self.flow_steps, batch_hift=self.batch_hift)
+        return vocode_batch(self.model, works, self.flow_steps, batch_hift=self.batch_hift,
+                            graphs=self.flow_graphs)
 
     def _mark(self, audio: np.ndarray) -> np.ndarray:
         marked = self.watermarker.apply(audio, self.sample_rate)

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .flow import flow_solve
 from .hift import hift, hift_batch
 
 SPEECH_VOCAB_SIZE = 6561  # ids at or above this are special (start/stop/unused)
@@ -124,7 +125,7 @@ def flow_mels(model, tokens: torch.Tensor, prompt: Prompt, noise: torch.Tensor,
 
 
 @torch.inference_mode()
-def flow_mels_batch(model, works, steps: int = FLOW_STEPS) -> List[torch.Tensor]:
+def flow_mels_batch(model, works, steps: int = FLOW_STEPS, graphs=None) -> List[torch.Tensor]:
     """``flow_mels`` of several calls in one batch; each row's mels (1, 80, 2N).
 
     Upstream's encoder and Euler solver take a padded batch (its
@@ -134,7 +135,8 @@ def flow_mels_batch(model, works, steps: int = FLOW_STEPS) -> List[torch.Tensor]
     reads the masked zeros a row alone reads past its end), so each row is
     its call alone up to float rounding (the matrix products sum in another
     order for another row count). Calls of equal ``VocoderWork.shape`` need
-    no padding; a batch of one is exactly ``flow_mels``.
+    no padding; a batch of one is exactly ``flow_mels``. ``graphs`` (a
+    ``FlowGraphs``): the flow's solve replayed from CUDA graphs.
     """
     from chatterbox.models.s3gen.utils.mask import make_pad_mask
 
@@ -170,14 +172,9 @@ def flow_mels_batch(model, works, steps: int = FLOW_STEPS) -> List[torch.Tensor]
     for row, work in enumerate(works):
         conds[row, :work.prompt.feat.shape[1]] = work.prompt.feat[0].to(device, h.dtype)
     mask = (~make_pad_mask(h_lengths, h.shape[1])).unsqueeze(1).to(h)
-    t_span = torch.linspace(0, 1, steps + 1, device=device, dtype=h.dtype)
-    if getattr(model.s3gen, "meanflow", False):
-        feat = _mean_flow(flow.decoder, noise, t_span, h.transpose(1, 2).contiguous(), mask,
-                          embedding, conds.transpose(1, 2))
-    else:
-        t_span = 1 - torch.cos(t_span * 0.5 * torch.pi)  # upstream's cosine schedule
-        feat = flow.decoder.solve_euler(noise, t_span=t_span, mu=h.transpose(1, 2).contiguous(),
-                                        mask=mask, spks=embedding, cond=conds.transpose(1, 2))
+    feat = flow_solve(flow.decoder, noise, h.transpose(1, 2).contiguous(), mask, embedding,
+                      conds.transpose(1, 2), steps=steps,
+                      meanflow=getattr(model.s3gen, "meanflow", False), graphs=graphs)
     return [feat[row:row + 1, :, w.prompt.feat.shape[1]:w.noise.shape[2]]
             for row, w in enumerate(works)]
 
@@ -213,24 +210,8 @@ def _encode(encoder, xs: torch.Tensor, lengths: torch.Tensor):
     return xs, masks
 
 
-def _mean_flow(decoder, x, t_span, mu, mask, spks, cond):
-    """Turbo's distilled vocoder: upstream's ``CausalConditionalCFM.basic_euler`` (linear time,
-    no guidance, the estimator told each step's end time ``r``) without its print and progress bar."""
-    from chatterbox.models.s3gen.flow_matching import cast_all
-
-    in_dtype = x.dtype
-    x, t_span, mu, mask, spks, cond = cast_all(x, t_span, mu, mask, spks, cond,
-                                               dtype=decoder.estimator.dtype)
-    for t, r in zip(t_span[:-1], t_span[1:]):
-        # One time per row: (1,) as upstream for one call, (B,) for a batch of calls.
-        t, r = t.expand(x.shape[0]), r.expand(x.shape[0])
-        dxdt = decoder.estimator.forward(x, mask=mask, mu=mu, t=t, spks=spks, cond=cond, r=r)
-        x = x + (r - t).view(-1, 1, 1) * dxdt
-    return x.to(in_dtype)
-
-
 def vocode_batch(model, works: Sequence[VocoderWork], steps: int = FLOW_STEPS, *,
-                 batch_hift: bool = False) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+                 batch_hift: bool = False, graphs=None) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     """(audio (N,), HiFT source) of each call, in one batch (``flow_mels_batch``).
 
     The flow runs as one batch (padded where lengths differ); HiFT, whose
@@ -238,7 +219,7 @@ def vocode_batch(model, works: Sequence[VocoderWork], steps: int = FLOW_STEPS, *
     length with ``batch_hift`` (it pays on CUDA only, see ``hift``), else row
     by row, each row bit for bit its call's HiFT alone.
     """
-    mels = flow_mels_batch(model, works, steps)
+    mels = flow_mels_batch(model, works, steps, graphs)
     if not batch_hift:
         return [hift(model, m, w.cache_source, seed=w.seed) for m, w in zip(mels, works)]
     results: List[Optional[Tuple[torch.Tensor, torch.Tensor]]] = [None] * len(works)
