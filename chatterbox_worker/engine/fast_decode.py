@@ -50,6 +50,7 @@ from transformers import DynamicCache
 
 from .batch_decode import DecodeRequest, StepEvent
 from .decode import SamplingParams, prefill_inputs
+from .memory import is_out_of_memory, release_cached_memory
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +229,9 @@ class FastDecoder:
             try:
                 self._forward(len(self._slots))
                 break
-            except torch.OutOfMemoryError as exc:
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
                 # The forward changed nothing the retry does not redo (it writes
                 # each row's K/V at the same position again): drop the newest
                 # request, which the batch fitted without, and go on.
@@ -251,11 +254,12 @@ class FastDecoder:
                 continue
             try:
                 self._prefill(request)
-            except torch.OutOfMemoryError as exc:  # this request alone did not fit
-                events.append(StepEvent(request, None, True, _out_of_memory(exc)))
-                release_cached_memory(self.device)
             except Exception as exc:  # its prompt alone failed: only its own free rows were touched
-                events.append(StepEvent(request, None, True, exc))
+                if is_out_of_memory(exc):  # this request alone did not fit
+                    events.append(StepEvent(request, None, True, _out_of_memory(exc)))
+                    release_cached_memory(self.device)
+                else:
+                    events.append(StepEvent(request, None, True, exc))
         if not self._slots:
             return events
         tokens = self._sample(len(self._slots)).tolist()  # the one host synchronisation
@@ -517,12 +521,6 @@ def _out_of_memory(exc: BaseException) -> OutOfMemory:
     return error
 
 
-def release_cached_memory(device: torch.device) -> None:
-    """Hand the caching allocator's free blocks back after out of memory (CUDA only)."""
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def _layer_kv(cache, layer: int):
     """(keys, values) of one layer of a filled ``DynamicCache``, across transformers versions."""
     if hasattr(cache, "layers"):
@@ -531,5 +529,5 @@ def _layer_kv(cache, layer: int):
     return cache.key_cache[layer], cache.value_cache[layer]
 
 
-__all__ = ["DEFAULT_MAX_LEN", "FastDecoder", "OutOfMemory", "counter_uniform", "release_cached_memory",
+__all__ = ["DEFAULT_MAX_LEN", "FastDecoder", "OutOfMemory", "counter_uniform",
            "sampling_probs", "slot_params"]

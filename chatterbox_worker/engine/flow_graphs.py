@@ -34,6 +34,7 @@ from typing import Optional, Tuple
 import torch
 
 from .flow import solve, time_span
+from .memory import is_out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +120,9 @@ class FlowGraphs:
             if bucket.output is None or (self.capture and bucket.graph is None):
                 try:
                     self._prepare(bucket)
-                except torch.OutOfMemoryError:
-                    raise  # the batcher reruns a batch's calls alone
-                except Exception:  # a torch or driver that cannot capture this solve
+                except Exception as exc:  # a torch or driver that cannot capture this solve
+                    if is_out_of_memory(exc):
+                        raise  # not the graph's fault: the batcher reruns a batch's calls alone
                     log.exception("CUDA graph capture of the vocoder's flow solve failed; "
                                   "vocoding without CUDA graphs from now on")
                     self.enabled = False

@@ -345,7 +345,8 @@ class StreamingVocoder:
         or ``final()``): trimmed to what is new, the seam crossfaded. No model call."""
         sched = self.schedule
         start, end, final = self._pending
-        self._source, self._source_start = source, start * SAMPLES_PER_TOKEN
+        # A copy: ``source`` may be a row of a whole batch's source, which a view would keep.
+        self._source, self._source_start = source.clone(), start * SAMPLES_PER_TOKEN
         if start == 0:
             audio = trim_start(self.model, audio)
         audio = audio.float().cpu().numpy()

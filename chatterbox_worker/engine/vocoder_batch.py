@@ -46,7 +46,7 @@ from typing import Callable, Iterator, List, Optional, Set, Tuple
 
 import torch
 
-from .fast_decode import release_cached_memory
+from .memory import is_out_of_memory, release_cached_memory
 from .priority_lock import PriorityLock
 from .vocoder import VocoderWork
 
@@ -242,8 +242,8 @@ class VocoderBatcher:
         device = works[0].prompt.tokens.device
         try:
             return self._counted(works)
-        except torch.OutOfMemoryError:
-            if len(works) == 1:
+        except Exception as exc:
+            if len(works) == 1 or not is_out_of_memory(exc):
                 raise
             log.warning("out of memory vocoding %d calls together: running each alone", len(works))
         # Released here, after the except: its traceback held the batch's activations.
@@ -252,7 +252,9 @@ class VocoderBatcher:
         for work in works:
             try:
                 results.extend(self._counted([work]))
-            except torch.OutOfMemoryError as exc:
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
                 # Without its traceback, the error keeps none of the failed call's tensors.
                 results.append(exc.with_traceback(None))
             if isinstance(results[-1], BaseException):

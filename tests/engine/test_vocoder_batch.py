@@ -306,6 +306,22 @@ def test_a_stream_foresees_the_shape_of_its_next_call(model, voices):
     assert calls >= 5
 
 
+def test_a_stream_keeps_its_own_source_not_its_batchs(model, voices):
+    """The HiFT source a stream carries to its next call is its own copy: a view of its row
+    would keep the whole batch's source alive until the stream's next chunk."""
+    from chatterbox_worker.engine.vocoder import StreamingVocoder
+
+    _, gen = voices[1].for_request(0.5)
+    vocoder = StreamingVocoder(model, gen, seed=1, schedule=StreamSchedule(chunk_tokens=(4, 9)))
+    assert vocoder.add(list(range(100, 107)))
+    other = work(model, voices[2], 3, 7)
+    [(audio, source), _] = vocode_batch(model, [vocoder.due(), other], batch_hift=True)
+    vocoder.complete(audio, source)
+    kept = vocoder._source
+    assert torch.equal(kept, source)
+    assert kept.untyped_storage().nbytes() == kept.numel() * kept.element_size()
+
+
 def test_max_batch_caps_a_batch_and_the_most_urgent_go_first():
     lock, groups = PriorityLock(), []
     batcher = VocoderBatcher(lock, lambda ws: groups.append([int(w.noise[0, 0, 0]) for w in ws])
@@ -370,6 +386,27 @@ def test_out_of_memory_in_a_batch_runs_each_call_alone():
     assert results[:2] == [0, 1] and results[3] == 3
     assert isinstance(results[2], torch.OutOfMemoryError)
     assert batcher.run(_fake_work(fill=5.0), STREAM) == 5  # and the next call works
+
+
+def test_a_librarys_allocation_failure_splits_a_batch_too_and_other_errors_do_not():
+    """cuBLAS and cuDNN report memory they could not get as a RuntimeError of their own."""
+    for error, splits in ((RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling "
+                                        "`cublasCreate(handle)`"), True),
+                          (RuntimeError("Expected all tensors to be on the same device"), False)):
+        lock, calls = PriorityLock(), []
+
+        def run(works):
+            calls.append(len(works))
+            if len(works) > 1:
+                raise error
+            return [int(works[0].noise[0, 0, 0])]
+
+        batcher = VocoderBatcher(lock, run, max_batch=3)
+        results = _queued(batcher, lock, [_fake_work(fill=float(i)) for i in range(3)])
+        if splits:
+            assert calls == [3, 1, 1, 1] and results == [0, 1, 2]
+        else:
+            assert calls == [3] and all(isinstance(r, RuntimeError) for r in results)
 
 
 def test_a_failed_batch_fails_each_of_its_streams_and_the_next_call_works():
