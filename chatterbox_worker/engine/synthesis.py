@@ -356,7 +356,12 @@ class Engine:
         # The served model's own defaults, so warm-up runs the paths jobs take (turbo's top-k).
         values = self.variant.sampling({})
         sampling = SamplingParams(**{k: values[k] for k in SamplingParams.__dataclass_fields__})
-        self.synthesize(SynthesisRequest(text="Warming up.", voice=self._builtin, seed=0,
-                                         exaggeration=values["exaggeration"], sampling=sampling),
-                        max_tokens=25)
+        request = SynthesisRequest(text="Warming up.", voice=self._builtin, seed=0,
+                                   exaggeration=values["exaggeration"], sampling=sampling)
+        self.synthesize(request, max_tokens=25)
+        if self.flow_graphs is not None:
+            # A streamed take too: its first chunk's vocoder call has a shape of its own,
+            # whose CUDA graph is then captured here rather than in the first job's wait.
+            for _ in self.stream(request, max_tokens=25):
+                pass
         return time.perf_counter() - started

@@ -152,3 +152,18 @@ def test_vocoder_calls_through_buckets_equal_their_eager_calls(engine, voices): 
 
 def test_the_engine_uses_graphs_on_cuda_only(engine):
     assert engine.flow_graphs is None  # this CPU: the eager solve, bit for bit upstream's
+
+
+def test_warm_up_prepares_the_bucket_of_a_streams_first_chunk(engine, monkeypatch):
+    """On CUDA the first job's first chunk then replays a graph instead of waiting for a capture."""
+    from chatterbox_worker.engine.vocoder import LOOKAHEAD_TOKENS, MELS_PER_TOKEN, Prompt, StreamSchedule
+
+    graphs = FlowGraphs(engine.model.s3gen.flow.decoder, meanflow=False, capture=False)
+    monkeypatch.setattr(engine, "flow_graphs", graphs)
+    engine.warm_up()
+    _, gen = engine.builtin_voice.for_request(0.5)
+    schedule = StreamSchedule()
+    prompt_frames = Prompt.from_gen(gen).last(schedule.prompt_tokens).feat.shape[1]
+    first_call = prompt_frames + MELS_PER_TOKEN * (schedule.chunk_size(0) + LOOKAHEAD_TOKENS)
+    assert bucket_of(1, first_call) in [key[:2] for key in graphs._buckets]
+    assert graphs.replays >= 2  # the one-shot take's call and the stream's
