@@ -19,7 +19,7 @@ from typing import Callable, Dict, Optional, Sequence
 import torch
 
 from ..errors import ConfigError, excerpt, reason
-from .architecture import ModelSizes, build_s3gen, build_t3, build_voice_encoder
+from .architecture import ModelSizes, build_s3gen, build_t3, build_voice_encoder, skip_random_init
 from .turbo import load_turbo
 from .weights import WeightSource, required_files
 
@@ -222,13 +222,16 @@ def load_original(source: WeightSource, *, device: str, t3_dtype: str) -> Chatte
     directory = source.directory
     sizes = load_sizes(directory)
 
-    ve = build_voice_encoder(sizes)
+    with skip_random_init():
+        ve = build_voice_encoder(sizes)
     _load_state(ve, _load_safetensors(directory / "ve.safetensors"), "ve.safetensors")
 
-    t3 = build_t3(sizes)
+    with skip_random_init():
+        t3 = build_t3(sizes)
     load_t3_weights(t3, directory / "t3_cfg.safetensors")
 
-    s3gen = build_s3gen(sizes)
+    with skip_random_init():
+        s3gen = build_s3gen(sizes)
     # Upstream loads S3Gen non-strictly: the tokenizer's mel filters and window
     # are computed, not stored. Anything else missing is a broken checkpoint.
     _load_state(s3gen, _load_safetensors(directory / "s3gen.safetensors"), "s3gen.safetensors",

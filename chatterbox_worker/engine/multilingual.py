@@ -191,7 +191,7 @@ def t3_file_of(source) -> str:
 def load_multilingual(source, *, device: str, t3_dtype: str = "float32"):
     """Upstream's multilingual modules with ``source`` loaded into them (the files
     ``ChatterboxMultilingualTTS.from_local`` reads); ``ConfigError`` on any mismatch."""
-    from .architecture import build_s3gen, build_t3, build_voice_encoder
+    from .architecture import build_s3gen, build_t3, build_voice_encoder, skip_random_init
     from .model import (ChatterboxModel, _load_state, load_builtin_voice, load_sizes,
                         load_t3_weights, model_signature, set_t3_format)
 
@@ -199,14 +199,17 @@ def load_multilingual(source, *, device: str, t3_dtype: str = "float32"):
     directory = source.directory
     sizes = load_sizes(directory)
 
-    ve = build_voice_encoder(sizes)
+    with skip_random_init():
+        ve = build_voice_encoder(sizes)
     _load_state(ve, load_state_file(directory / "ve.pt"), "ve.pt")
 
     name = t3_file_of(source)
-    t3 = build_t3(sizes, multilingual=True)
+    with skip_random_init():
+        t3 = build_t3(sizes, multilingual=True)
     load_t3_weights(t3, directory / name)
 
-    s3gen = build_s3gen(sizes)
+    with skip_random_init():
+        s3gen = build_s3gen(sizes)
     # Upstream loads s3gen.pt strictly; computed buffers may be missing here as
     # for the original's s3gen.safetensors (a re-export may leave them out).
     _load_state(s3gen, load_state_file(directory / "s3gen.pt"), "s3gen.pt", strict=False,

@@ -201,15 +201,18 @@ def decode_turbo_tokens(model, t3_cond, text_tokens: torch.Tensor, params, *,
 def load_parts(directory, sizes, device: str):
     """(voice encoder, T3, S3Gen, tokenizer) of a Turbo checkpoint, as ``from_local`` loads them:
     every state dict strictly, GPT-2's word embedding dropped (T3 feeds embeddings)."""
-    from .architecture import build_s3gen, build_voice_encoder
+    from .architecture import build_s3gen, build_voice_encoder, skip_random_init
     from .model import _load_safetensors, _load_state, load_t3_weights
 
-    ve = build_voice_encoder(sizes)
+    with skip_random_init():
+        ve = build_voice_encoder(sizes)
     _load_state(ve, _load_safetensors(directory / "ve.safetensors"), "ve.safetensors")
-    t3 = build_turbo_t3(sizes)
+    with skip_random_init():
+        t3 = build_turbo_t3(sizes)
     load_t3_weights(t3, directory / T3_FILE)
     del t3.tfmr.wte
-    s3gen = build_s3gen(sizes, meanflow=True)
+    with skip_random_init():
+        s3gen = build_s3gen(sizes, meanflow=True)
     _load_state(s3gen, _load_safetensors(directory / S3GEN_FILE), S3GEN_FILE)
     try:
         tokenizer = load_tokenizer(directory)

@@ -2,6 +2,7 @@
 
 import gc
 
+import pytest
 import torch
 
 from chatterbox_worker.engine.model import load_model
@@ -75,3 +76,40 @@ def test_an_int8_model_serves_concurrent_streams_and_takes(tiny_checkpoint):
         assert audio.dtype == np.float32 and 0 < len(audio) <= 40 * 960 + 24000
         assert np.isfinite(audio).all() and np.abs(audio).max() <= 1.0
     assert engine.vocoder_calls.rows >= engine.vocoder_calls.batches > 0
+
+
+@pytest.mark.parametrize("variant", ["original", "turbo", "multilingual"])
+def test_skipping_random_init_loads_the_very_same_model(request, monkeypatch, variant):
+    """Every parameter and buffer (computed ones included: mel filters, windows, rotary
+    tables) equals what a load that first draws random weights ends with."""
+    import contextlib
+
+    from chatterbox_worker.engine import architecture
+
+    checkpoint = request.getfixturevalue({"original": "tiny_checkpoint", "turbo": "turbo_checkpoint",
+                                          "multilingual": "multilingual_checkpoint"}[variant])
+    source = WeightSource(checkpoint, "model_dir")
+    fast = load_model(source, variant=variant, device="cpu")
+    from chatterbox_worker.engine import model as model_module
+
+    for module in (architecture, model_module):
+        monkeypatch.setattr(module, "skip_random_init", contextlib.nullcontext)
+    drawn = load_model(source, variant=variant, device="cpu")
+    for part in ("t3", "s3gen", "voice_encoder"):
+        ours, theirs = getattr(fast, part), getattr(drawn, part)
+        for kind in ("named_parameters", "named_buffers"):
+            a, b = dict(getattr(ours, kind)()), dict(getattr(theirs, kind)())
+            assert a.keys() == b.keys() and (a or kind == "named_buffers"), (part, kind)
+            different = [name for name in a if not torch.equal(a[name], b[name])]
+            assert different == [], (part, kind, different[:5])
+
+
+def test_random_init_is_skipped_while_building_and_only_then():
+    from chatterbox_worker.engine.architecture import skip_random_init
+
+    weight = torch.full((3, 3), 7.0)
+    with skip_random_init():
+        torch.nn.init.kaiming_uniform_(weight)
+    assert (weight == 7.0).all()
+    torch.nn.init.kaiming_uniform_(weight)
+    assert not (weight == 7.0).any()
