@@ -406,6 +406,8 @@ def side_ours(args, side: Side) -> None:
     started = time.perf_counter()
     engine = load_engine(settings)  # the worker's own path: locate, load (with the format), warm up
     side.result["load_s"] = round(time.perf_counter() - started, 2)
+    warm_up_s = getattr(engine, "warm_up_s", None)  # part of load_s (cold start)
+    side.result["warm_up_s"] = None if warm_up_s is None else round(warm_up_s, 2)
     side.result["model"] = engine.model.describe()
     side.result["engine"] = {"max_batch": getattr(engine, "max_batch", None),
                              "decoder": getattr(engine, "decoder_kind", None),
@@ -838,6 +840,11 @@ def tables(report: dict) -> str:
             what += " (failed)"
         lines.append(f"| ours, {fmt}{what} | {mem['engine_max_batch'] or '-'} | {f(mem['peak_rss_mb'], 0)} | {f(mem['ratio_to_upstream_rss'], 3)} | "
                      f"{f(mem['peak_gpu_mb'], 0)} | {f(mem['ratio_to_upstream_gpu'], 3)} | {phases(mem)} |")
+    loads = [f"upstream {f((report['sides'].get('upstream') or {}).get('load_s'))} s"]
+    for fmt, side in report["sides"].items():
+        if fmt != "upstream" and side.get("load_s") is not None:
+            loads.append(f"ours, {fmt} {f(side['load_s'])} s (warm-up {f(side.get('warm_up_s'))} s)")
+    lines += ["", "Load to ready (cold start, each side's own path): " + "; ".join(loads) + "."]
     if report["skipped"]:
         lines += ["", "Skipped or cut short:", ""]
         lines += [f"- {item['row']}: {item['reason']}" for item in report["skipped"]]

@@ -142,6 +142,7 @@ class Engine:
         self.model = model
         self.flow_steps = flow_steps
         self.max_batch = max_batch
+        self.warm_up_s: Optional[float] = None  # what ``warm_up`` took, once run
         self.cuda_graphs = cuda_graphs and str(model.device).startswith("cuda")
         # On CUDA the decode step (``FastDecoder``) and the vocoder's flow solve
         # (``FlowGraphs``) replay CUDA graphs: both are bound by kernel launches there.
@@ -364,4 +365,5 @@ class Engine:
             # whose CUDA graph is then captured here rather than in the first job's wait.
             for _ in self.stream(request, max_tokens=25):
                 pass
-        return time.perf_counter() - started
+        self.warm_up_s = time.perf_counter() - started
+        return self.warm_up_s
