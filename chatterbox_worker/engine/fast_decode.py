@@ -103,45 +103,40 @@ class _Slot:
     steps: int = 0  # tokens sampled so far
 
 
-class FastDecoder:
-    """Continuous batching over a static KV cache (see the module docstring).
+class StaticCacheDecoder:
+    """Continuous batching over a static KV cache (see the module docstring): the slots,
+    the cache, the step loop and its CUDA graphs, whatever the backbone.
 
+    A backbone's subclass gives ``ROWS_PER_SLOT`` and ``PARAMS`` (the width of
+    a slot's sampling-parameter row) and implements ``_prefill_inputs``,
+    ``_step_body`` (graph-capturable: no host reads) and ``_sample``.
     Not thread-safe: the scheduler's thread calls ``add``, ``remove`` and ``step``.
     """
 
-    def __init__(self, t3, *, slots: int, max_len: int = DEFAULT_MAX_LEN,
-                 cuda_graphs: Optional[bool] = None):
-        if getattr(t3, "is_gpt", False):
-            raise ValueError("FastDecoder supports T3's Llama backbone only")
+    ROWS_PER_SLOT = 1
+    PARAMS = 0
+    backbone = ""  # in messages
+
+    def __init__(self, t3, *, slots: int, max_len: int, cuda_graphs: Optional[bool],
+                 layers: int, heads: int, head_dim: int):
         if slots < 1:
             raise ValueError("slots must be at least 1")
         self.t3 = t3
-        tfmr = t3.tfmr
-        config = tfmr.config
         self.device = t3.speech_emb.weight.device
         self.dtype = t3.speech_emb.weight.dtype  # embeddings stay float even when linears are int8
         self.slots = slots
         self.max_len = max_len
-        self.layers = list(tfmr.layers[: config.num_hidden_layers])
-        heads = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        if heads != config.num_attention_heads:
-            raise ValueError("grouped-query attention is not supported (T3's Llama has none)")
-        rows = 2 * slots
+        self.head_dim = head_dim
+        rows = self.ROWS_PER_SLOT * slots
         # The cache grows (by whole length buckets, up to max_len) to what the
         # longest request admitted so far may need, rather than starting at
         # max_len: most pieces need a third of it.
-        self._cache_shape = (len(self.layers), rows, heads, self.head_dim)
+        self._cache_shape = (layers, rows, heads, head_dim)
         self.capacity = 0
         self.k_cache = self.v_cache = None
         self._graphs: Dict[Tuple[int, int], "torch.cuda.CUDAGraph"] = {}
         self._reserve(LENGTH_BUCKET)
         self.vocab = t3.hp.speech_tokens_dict_size
-        # Rotary tables for every position, computed once as HF computes them per step.
-        positions = torch.arange(max_len, device=self.device)[None]
-        probe = torch.zeros(1, 1, config.hidden_size, device=self.device, dtype=self.dtype)
-        cos, sin = tfmr.rotary_emb(probe, positions)
-        self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()  # (max_len, head_dim)
 
         # Per-row and per-slot inputs of a step (static buffers: graphs read them in place).
         self.row_pos = torch.zeros(rows, dtype=torch.long, device=self.device)
@@ -151,9 +146,9 @@ class FastDecoder:
         self.seen = torch.zeros(slots, self.vocab, dtype=torch.bool, device=self.device)
         self.seeds = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.steps = torch.zeros(slots, dtype=torch.long, device=self.device)
-        self.params = torch.zeros(slots, 5, dtype=torch.float32, device=self.device)
+        self.params = torch.zeros(slots, self.PARAMS, dtype=torch.float32, device=self.device)
 
-        self._slots: List[_Slot] = []  # packed: slot i holds rows 2i, 2i+1
+        self._slots: List[_Slot] = []  # packed: slot i holds rows [R i, R (i + 1))
         self._waiting: List[DecodeRequest] = []
         self._by_request: Dict[DecodeRequest, _Slot] = {}
         self._joined = 0
@@ -161,8 +156,10 @@ class FastDecoder:
         if use_graphs and self.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
         self.cuda_graphs = use_graphs
-        self._fused = _fuse_projections(self.layers)
         self._pool = None
+
+    def _rows(self, first_slot: int, end_slot: int) -> slice:
+        return slice(self.ROWS_PER_SLOT * first_slot, self.ROWS_PER_SLOT * end_slot)
 
     def _reserve(self, length: int) -> None:
         """Make the cache hold at least ``length`` positions per row."""
@@ -210,7 +207,7 @@ class FastDecoder:
         return True
 
     def _move(self, src: int, dst: int) -> None:
-        rows_src, rows_dst = slice(2 * src, 2 * src + 2), slice(2 * dst, 2 * dst + 2)
+        rows_src, rows_dst = self._rows(src, src + 1), self._rows(dst, dst + 1)
         length = self._slots[src].length
         self.k_cache[:, rows_dst, :, :length] = self.k_cache[:, rows_src, :, :length]
         self.v_cache[:, rows_dst, :, :length] = self.v_cache[:, rows_src, :, :length]
@@ -244,7 +241,7 @@ class FastDecoder:
         running = len(self._slots)
         if running:
             # Each running row wrote its new position; the next goes after it.
-            self.row_pos[: 2 * running] += 1
+            self.row_pos[self._rows(0, running)] += 1
             for slot in self._slots:
                 slot.length += 1
         while self._waiting and len(self._slots) < self.slots:
@@ -266,7 +263,7 @@ class FastDecoder:
         stop = self.t3.hp.stop_speech_token
         leaving = []
         for slot, token in zip(self._slots, tokens):
-            if token == stop:
+            if self._stops(slot, token, stop):
                 events.append(StepEvent(slot.request, None, True))
                 leaving.append(slot.request)
                 continue
@@ -279,16 +276,18 @@ class FastDecoder:
             self.remove(request)
         return events
 
+    def _stops(self, slot: _Slot, token: int, stop: int) -> bool:
+        """Whether ``token``, just sampled for ``slot``, ends its request (not yielded)."""
+        return token == stop
+
+    def _prefill_inputs(self, request: DecodeRequest) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(``ROWS_PER_SLOT``, T, dim) prompt embeddings of ``request``, and its parameter row."""
+        raise NotImplementedError
+
     def _prefill(self, request: DecodeRequest) -> None:
         """The prompt of ``request`` through T3 alone, into the next free slot."""
         t3 = self.t3
-        params = request.params
-        t3_cond = request.t3_cond
-        if self.dtype != torch.float32:
-            t3_cond = t3_cond.to(dtype=self.dtype)
-        inputs = prefill_inputs(t3, t3_cond, request.text_tokens, params)
-        if inputs.size(0) == 1:  # no guidance: the second row repeats the first, weighted 0
-            inputs = inputs.expand(2, -1, -1)
+        inputs, params = self._prefill_inputs(request)
         length = inputs.size(1)
         if length + request.max_new_tokens >= self.max_len:
             raise ValueError(f"prompt of {length} positions plus {request.max_new_tokens} tokens "
@@ -297,8 +296,8 @@ class FastDecoder:
         cache = DynamicCache()
         out = t3.tfmr(inputs_embeds=inputs, past_key_values=cache, use_cache=True)
         index = len(self._slots)
-        rows = slice(2 * index, 2 * index + 2)
-        for layer in range(len(self.layers)):
+        rows = self._rows(index, index + 1)
+        for layer in range(self._cache_shape[0]):
             keys, values = _layer_kv(cache, layer)
             self.k_cache[layer, rows, :, :length] = keys
             self.v_cache[layer, rows, :, :length] = values
@@ -309,14 +308,14 @@ class FastDecoder:
         self.steps[index] = 0
         self.seen[index] = False
         self.seen[index, t3.hp.start_speech_token] = True  # upstream's history starts with it
-        self.params[index] = slot_params(params)
+        self.params[index] = params
         self._joined += 1
         slot = _Slot(request=request, joined=self._joined, length=length)
         self._slots.append(slot)
         self._by_request[request] = slot
 
     def _forward(self, n: int) -> None:
-        """Logits of the next token for the first ``n`` slots (rows ``2n``), into ``self.logits``."""
+        """Logits of the next token for the first ``n`` slots' rows, into ``self.logits``."""
         bucket = 1
         while bucket < n:
             bucket *= 2
@@ -326,7 +325,7 @@ class FastDecoder:
         # Rows past the running ones (free slots, or a slot about to be
         # prefilled) compute garbage at position 0 of their own rows: harmless.
         if bucket > n:
-            self.row_pos[2 * n: 2 * bucket] = 0
+            self.row_pos[self._rows(n, bucket)] = 0
         if not self.cuda_graphs:
             self._step_body(bucket, span)
             return
@@ -337,8 +336,8 @@ class FastDecoder:
             except torch.OutOfMemoryError:
                 raise
             except Exception:  # a torch or driver that cannot capture this step: run eagerly
-                log.exception("CUDA graph capture of the T3 decode step failed; "
-                              "decoding without CUDA graphs from now on")
+                log.exception("CUDA graph capture of the %s T3 decode step failed; "
+                              "decoding without CUDA graphs from now on", self.backbone)
                 self.cuda_graphs = False
                 self._graphs.clear()
                 torch.cuda.synchronize()
@@ -369,8 +368,53 @@ class FastDecoder:
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             self._step_body(bucket, span)
         self._graphs[(bucket, span)] = graph
-        log.info("captured the T3 decode step for %d slot(s), %d positions", bucket, span)
+        log.info("captured the %s T3 decode step for %d slot(s), %d positions", self.backbone,
+                 bucket, span)
         return graph
+
+    def _step_body(self, bucket: int, span: int) -> None:
+        raise NotImplementedError
+
+    def _sample(self, n: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class FastDecoder(StaticCacheDecoder):
+    """The static-cache decoder of T3's Llama backbone (the original and multilingual models):
+    two rows per slot, conditioned and unconditioned, for classifier-free guidance."""
+
+    ROWS_PER_SLOT = 2
+    PARAMS = 5  # ``slot_params``
+    backbone = "Llama"
+
+    def __init__(self, t3, *, slots: int, max_len: int = DEFAULT_MAX_LEN,
+                 cuda_graphs: Optional[bool] = None):
+        if getattr(t3, "is_gpt", False):
+            raise ValueError("FastDecoder supports T3's Llama backbone only")
+        tfmr = t3.tfmr
+        config = tfmr.config
+        heads = config.num_key_value_heads
+        if heads != config.num_attention_heads:
+            raise ValueError("grouped-query attention is not supported (T3's Llama has none)")
+        self.layers = list(tfmr.layers[: config.num_hidden_layers])
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        super().__init__(t3, slots=slots, max_len=max_len, cuda_graphs=cuda_graphs,
+                         layers=len(self.layers), heads=heads, head_dim=head_dim)
+        # Rotary tables for every position, computed once as HF computes them per step.
+        positions = torch.arange(max_len, device=self.device)[None]
+        probe = torch.zeros(1, 1, config.hidden_size, device=self.device, dtype=self.dtype)
+        cos, sin = tfmr.rotary_emb(probe, positions)
+        self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()  # (max_len, head_dim)
+        self._fused = _fuse_projections(self.layers)
+
+    def _prefill_inputs(self, request: DecodeRequest) -> Tuple[torch.Tensor, torch.Tensor]:
+        t3_cond = request.t3_cond
+        if self.dtype != torch.float32:
+            t3_cond = t3_cond.to(dtype=self.dtype)
+        inputs = prefill_inputs(self.t3, t3_cond, request.text_tokens, request.params)
+        if inputs.size(0) == 1:  # no guidance: the second row repeats the first, weighted 0
+            inputs = inputs.expand(2, -1, -1)
+        return inputs, slot_params(request.params)
 
     def _step_body(self, bucket: int, span: int) -> None:
         """Embedding of each slot's last token -> logits; graph-capturable (no host reads).
@@ -529,5 +573,5 @@ def _layer_kv(cache, layer: int):
     return cache.key_cache[layer], cache.value_cache[layer]
 
 
-__all__ = ["DEFAULT_MAX_LEN", "FastDecoder", "OutOfMemory", "counter_uniform",
+__all__ = ["DEFAULT_MAX_LEN", "FastDecoder", "OutOfMemory", "StaticCacheDecoder", "counter_uniform",
            "sampling_probs", "slot_params"]

@@ -22,6 +22,7 @@ from .batch_decode import BatchDecoder, DecodeRequest
 from .fast_decode import FastDecoder
 from .flow_graphs import FlowGraphs
 from .turbo_batch import TurboBatchDecoder
+from .turbo_fast import TurboFastDecoder
 from .model import ChatterboxModel, t3_format
 from .priority_lock import FIRST_AUDIO, STREAM, WHOLE, PriorityLock
 from .scheduler import Scheduler
@@ -239,16 +240,16 @@ class Engine:
         """``exact`` (float32 on CPU: tokens bit for bit those of the
         single-request loop, ``BatchDecoder``) or ``fast`` (static cache,
         padded batch, CUDA graphs on GPU: ``FastDecoder``). Turbo's GPT-2
-        backbone: ``TurboBatchDecoder``, exact or with shared products."""
+        backbone: ``TurboBatchDecoder`` (exact) or ``TurboFastDecoder``."""
         exact = t3_format(self.model.t3) == "float32" and str(self.model.device) == "cpu"
         return "exact" if exact else "fast"
 
     def _new_decoder(self):
-        if getattr(self.model.t3, "is_gpt", False):
-            return TurboBatchDecoder(self.model.t3, exact=self.decoder_kind == "exact")
+        turbo = getattr(self.model.t3, "is_gpt", False)
         if self.decoder_kind == "exact":
-            return BatchDecoder(self.model.t3)
-        return FastDecoder(self.model.t3, slots=self.max_batch, cuda_graphs=self.cuda_graphs)
+            return TurboBatchDecoder(self.model.t3) if turbo else BatchDecoder(self.model.t3)
+        fast = TurboFastDecoder if turbo else FastDecoder
+        return fast(self.model.t3, slots=self.max_batch, cuda_graphs=self.cuda_graphs)
 
     def _decode_piece(self, request: SynthesisRequest, piece: str, generator: torch.Generator,
                       max_tokens: Optional[int],

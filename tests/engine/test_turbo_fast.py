@@ -1,0 +1,182 @@
+"""Turbo's fast decode path (``TurboFastDecoder``), checked on CPU on the tiny Turbo checkpoint.
+
+Its forward against T3's own GPT-2 (HF, growing cache) position by position,
+with requests joining and leaving; its sampling chain against the HF
+processors ``TurboSampler`` runs; its draws for independence from the batch.
+CUDA graphs replay the same ``_step_body`` (``bench/gpu/run.sh`` runs them).
+"""
+
+from typing import Dict, List
+
+import pytest
+import torch
+from transformers import DynamicCache
+from transformers.generation.logits_process import (LogitsProcessorList,
+                                                    RepetitionPenaltyLogitsProcessor,
+                                                    TemperatureLogitsWarper, TopKLogitsWarper,
+                                                    TopPLogitsWarper)
+
+from chatterbox_worker.engine import turbo
+from chatterbox_worker.engine.batch_decode import DecodeRequest
+from chatterbox_worker.engine.synthesis import Engine
+from chatterbox_worker.engine.turbo_fast import (TurboFastDecoder, turbo_sampling_probs,
+                                                 turbo_slot_params)
+from tests.engine.test_fast_decode import run
+from tests.engine.test_turbo import TEXT, turbo_params, turbo_request
+
+
+def make_request(engine, text=TEXT, params=None, seed=1, budget=40):
+    t3_cond, _ = engine.builtin_voice.for_request(0.0)
+    return DecodeRequest(t3_cond=t3_cond, text_tokens=turbo.text_tokens(engine.model.tokenizer, text),
+                         params=params or turbo_params(), max_new_tokens=budget,
+                         generator=torch.Generator().manual_seed(seed))
+
+
+def reference_logits(model, request: DecodeRequest, tokens: List[int]) -> List[torch.Tensor]:
+    """T3's own GPT-2 (growing cache) over the prompt then ``tokens``: the logits before each."""
+    t3 = model.t3
+    with torch.inference_mode():
+        out = t3.tfmr(inputs_embeds=turbo.prefill_inputs(t3, request.t3_cond, request.text_tokens),
+                      past_key_values=DynamicCache(), use_cache=True)
+        logits = [t3.speech_head(out.last_hidden_state[:, -1, :])]
+        for token in tokens[:-1]:
+            out = t3.tfmr(inputs_embeds=t3.speech_emb(torch.tensor([[token]])),
+                          past_key_values=out.past_key_values, use_cache=True)
+            logits.append(t3.speech_head(out.last_hidden_state[:, -1, :]))
+    return logits
+
+
+class Recorder(TurboFastDecoder):
+    """Keeps, by request, the logits each draw came from and the history its penalty saw."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen_logits: Dict[DecodeRequest, List[torch.Tensor]] = {}
+        self.history: Dict[DecodeRequest, List[set]] = {}
+
+    def _sample(self, n):
+        for i, slot in enumerate(self._slots[:n]):
+            self.seen_logits.setdefault(slot.request, []).append(self.logits[i:i + 1].clone())
+            self.history.setdefault(slot.request, []).append(
+                set(self.seen[i].nonzero().flatten().tolist()))
+        return super()._sample(n)
+
+
+def test_forward_matches_t3_step_by_step_with_requests_joining_and_leaving(turbo_engine):
+    model = turbo_engine.model
+    a = make_request(turbo_engine, seed=1, budget=30)
+    b = make_request(turbo_engine, "A second request joins later [sigh], with more to say.",
+                     turbo_params(top_k=20, temperature=1.2), seed=2, budget=45)
+    c = make_request(turbo_engine, "Short.", turbo_params(top_p=0.5), seed=3, budget=12)
+    decoder = Recorder(model.t3, slots=4, max_len=1024)
+    tokens = run(decoder, {0: [a], 5: [b, c]})
+    start = model.t3.hp.start_speech_token
+    for request in (a, b, c):
+        expected = reference_logits(model, request, tokens[request])
+        got = decoder.seen_logits[request]
+        assert len(got) == len(expected) == len(tokens[request])
+        # TurboSampler's history: the start token first, then only the generated tokens.
+        assert decoder.history[request] == [{start}] + [set(tokens[request][:k])
+                                                        for k in range(1, len(tokens[request]))]
+        for step, (mine, theirs) in enumerate(zip(got, expected)):
+            torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4,
+                                       msg=lambda m, s=step: f"step {s}: {m}")
+
+
+def test_tokens_do_not_depend_on_the_batch_slot_or_a_cancelled_neighbour(turbo_engine):
+    texts = ["The first request.", "The second, which is cancelled.", "The third joins late.",
+             "The fourth is short."]
+
+    def requests():
+        return [make_request(turbo_engine, text, seed=100 + i, budget=35 - 5 * i)
+                for i, text in enumerate(texts)]
+
+    t3 = turbo_engine.model.t3
+    alone = {i: run(TurboFastDecoder(t3, slots=1, max_len=1024), {0: [r]})[r]
+             for i, r in enumerate(requests())}
+    batch = requests()
+    together = run(TurboFastDecoder(t3, slots=4, max_len=1024),
+                   {0: batch[:2], 3: [batch[2]], 4: [batch[3]]}, cancel={10: [batch[1]]})
+    for i in (0, 2, 3):
+        assert together[batch[i]] == alone[i]
+    assert together[batch[1]] == alone[1][:10] and len(together[batch[1]]) == 10
+
+
+def test_same_seed_same_tokens_other_seed_other_tokens(turbo_engine):
+    def tokens(seed):
+        request = make_request(turbo_engine, seed=seed, budget=30)
+        return run(TurboFastDecoder(turbo_engine.model.t3, slots=1, max_len=1024), {0: [request]})[request]
+    assert tokens(5) == tokens(5)
+    assert tokens(5) != tokens(6)
+
+
+@pytest.mark.parametrize("changes", [
+    {},
+    dict(temperature=1.3, top_k=7, top_p=0.8, repetition_penalty=2.0),
+    dict(temperature=0.6, top_k=0, top_p=1.0, repetition_penalty=1.0),
+    dict(temperature=1.0, top_k=50, top_p=0.3, repetition_penalty=1.5),
+])
+@pytest.mark.parametrize("history", [[399], [7, 12, 12, 250, 3]], ids=["start-token", "generated"])
+def test_sampling_chain_equals_turbo_samplers_processors(changes, history):
+    """Two rows with other parameters at once, each against HF's processors in
+    ``TurboSampler``'s order (temperature, top-k, top-p, repetition penalty)."""
+    torch.manual_seed(0)
+    vocab = 400
+    logits = torch.randn(2, vocab) * 3
+    rows = [turbo_params(**changes), turbo_params()]
+    history = torch.tensor([history])
+    expected = []
+    for row, params in enumerate(rows):
+        processors = LogitsProcessorList()
+        if params.temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(params.temperature))
+        if params.top_k > 0:
+            processors.append(TopKLogitsWarper(params.top_k))
+        if params.top_p < 1.0:
+            processors.append(TopPLogitsWarper(params.top_p))
+        if params.repetition_penalty != 1.0:
+            processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+        expected.append(torch.softmax(processors(history, logits[row:row + 1]), dim=-1))
+    expected = torch.cat(expected)
+
+    seen = torch.zeros(2, vocab, dtype=torch.bool)
+    seen[:, history[0]] = True
+    got = turbo_sampling_probs(logits, torch.stack([turbo_slot_params(p) for p in rows]), seen)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+    assert torch.equal(got > 0, expected > 0)  # the same tokens survive the cuts
+
+
+def test_the_first_token_is_kept_even_when_it_is_the_stop_token(turbo_engine):
+    from chatterbox_worker.engine.fast_decode import _Slot
+
+    decoder = TurboFastDecoder(turbo_engine.model.t3, slots=1, max_len=1024)
+    stop = turbo_engine.model.t3.hp.stop_speech_token
+    slot = _Slot(request=None, steps=0)
+    assert not decoder._stops(slot, stop, stop)
+    slot.steps = 1
+    assert decoder._stops(slot, stop, stop) and not decoder._stops(slot, stop - 1, stop)
+
+
+class FastTurboEngine(Engine):
+    decoder_kind = "fast"  # the CUDA path's decoder, here on the CPU
+
+
+def test_the_engine_serves_concurrent_turbo_jobs_on_the_fast_decoder(turbo_engine):
+    import concurrent.futures
+
+    engine = FastTurboEngine(turbo_engine.model, watermark=False, max_batch=3, flow_steps=2)
+    assert isinstance(engine._new_decoder(), TurboFastDecoder)
+    alone = engine.synthesize(turbo_request(engine, seed=4), max_tokens=40)
+
+    def streamed(seed):
+        return list(engine.stream(turbo_request(engine, seed=seed), max_tokens=40))
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        take = pool.submit(engine.synthesize, turbo_request(engine, seed=4), max_tokens=40)
+        streams = [pool.submit(streamed, seed) for seed in (5, 6)]
+        together = take.result()
+        chunks = [s.result() for s in streams]
+    assert together.speech_tokens == alone.speech_tokens > 0
+    assert together.audio.shape == alone.audio.shape
+    for pieces in chunks:
+        assert len(pieces) >= 2 and sum(len(p) for p in pieces) > 0
