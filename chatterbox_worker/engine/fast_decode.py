@@ -50,6 +50,7 @@ from transformers import DynamicCache
 
 from .batch_decode import DecodeRequest, StepEvent
 from .decode import SamplingParams, prefill_inputs
+from . import graph_capture
 from .memory import is_out_of_memory, release_cached_memory
 
 log = logging.getLogger(__name__)
@@ -333,14 +334,14 @@ class StaticCacheDecoder:
         if graph is None:
             try:
                 graph = self._capture(bucket, span)
-            except torch.OutOfMemoryError:
-                raise
-            except Exception:  # a torch or driver that cannot capture this step: run eagerly
+            except Exception as exc:  # a torch or driver that cannot capture this step: run eagerly
+                if is_out_of_memory(exc):
+                    raise  # ``step`` drops the newest request
                 log.exception("CUDA graph capture of the %s T3 decode step failed; "
                               "decoding without CUDA graphs from now on", self.backbone)
                 self.cuda_graphs = False
                 self._graphs.clear()
-                torch.cuda.synchronize()
+                graph_capture.synchronize()
                 self._step_body(bucket, span)
                 return
         graph.replay()
@@ -351,22 +352,12 @@ class StaticCacheDecoder:
         return len(self._graphs)
 
     def _capture(self, bucket: int, span: int):
-        # Warm-up runs on a side stream, as graph capture requires. They run
-        # the real step with the real inputs: each writes the same K/V to the
-        # same positions as the replay that follows, so they change nothing.
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._step_body(bucket, span)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
+        # The warm-up run (``graph_capture.capture``) runs the real step with the
+        # real inputs: it writes the same K/V to the same positions as the replay
+        # that follows, so it changes nothing.
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        # "thread_local": vocoder threads keep reading results from the device
-        # meanwhile, which a "global" capture refuses (failing their calls).
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            self._step_body(bucket, span)
+        graph, _ = graph_capture.capture(lambda: self._step_body(bucket, span), self._pool)
         self._graphs[(bucket, span)] = graph
         log.info("captured the %s T3 decode step for %d slot(s), %d positions", self.backbone,
                  bucket, span)

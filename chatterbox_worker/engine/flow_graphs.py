@@ -17,12 +17,17 @@ before it, and padded rows (wholly masked) are dropped. Rows agree with the
 eager solve up to float rounding (tested on CPU with the same buffers run
 eagerly: ``capture=False``).
 
-Buckets are captured the first time they are needed (one eager warm-up run,
-then the capture) and kept, the least recently used dropped past
-``MAX_GRAPHS``; all share one memory pool, which is safe because one solve
-runs at a time (``_lock``) and its output is copied out before the next.
-Calls too big for a graph (``MAX_CELLS``) run eagerly, as does everything if
-a capture fails (logged once).
+A bucket is made on its second use (``capture_after``): the first runs the
+solve eagerly, unpadded, so one-off shapes (a one-shot take of an unusual
+length) never pay a capture, about two eager calls' time. Streams reuse a
+few shapes all the time (warm-up captures the first chunk's). Buckets are
+kept, the least recently used dropped past ``MAX_GRAPHS`` or past
+``MAX_HELD_CELLS`` in all (each holds its inputs: 1.6 KB per cell); all
+share one memory pool, which is safe because one solve runs at a time
+(``_lock``) and its output is copied out before the next. Calls too big for
+a graph (``MAX_CELLS``) run eagerly, as does everything after a capture
+fails for another reason than memory (logged once). Captures go through
+``graph_capture``: one at a time in the process, beside T3's.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from . import graph_capture
 from .flow import solve, time_span
 from .memory import is_out_of_memory
 
@@ -44,6 +50,8 @@ FRAME_BUCKET = 64  # mel frames (32 speech tokens, 1.28 s of audio)
 MAX_CELLS = 65536  # rows x frames of the largest bucket captured (the batcher's 32768 frames,
 # rounded up to buckets); bigger calls are few and long enough to run eagerly
 MAX_GRAPHS = 64
+MAX_HELD_CELLS = 8 * MAX_CELLS  # the buckets' inputs: at most ~840 MB
+_USES_REMEMBERED = 4096  # shapes whose first use is remembered (for ``capture_after``)
 
 
 def bucket_of(rows: int, frames: int) -> Optional[Tuple[int, int]]:
@@ -87,18 +95,21 @@ class FlowGraphs:
     way to check the padding, and nothing else's.
     """
 
-    def __init__(self, cfm, *, meanflow: bool, capture: bool = True, max_graphs: int = MAX_GRAPHS):
+    def __init__(self, cfm, *, meanflow: bool, capture: bool = True, max_graphs: int = MAX_GRAPHS,
+                 capture_after: int = 1):
         self.cfm = cfm
         self.meanflow = meanflow
         self.capture = capture
         self.max_graphs = max_graphs
+        self.capture_after = capture_after  # eager uses of a bucket before it is made
         self.enabled = True
         self._buckets: "OrderedDict[tuple, _Bucket]" = OrderedDict()
+        self._uses: "OrderedDict[tuple, int]" = OrderedDict()  # eager uses of buckets not held
         self._pool = None
         self._lock = threading.Lock()
         self.captures = 0  # graphs captured so far (evicted ones included)
         self.replays = 0  # solves run from a bucket
-        self.eager = 0  # solves run eagerly (too big, or graphs disabled)
+        self.eager = 0  # solves run eagerly (first uses, too big, or graphs disabled)
 
     @property
     def graphs(self) -> int:
@@ -109,17 +120,23 @@ class FlowGraphs:
         """``flow.solve`` of a call (x, mu, cond: (B, 80, T); mask (B, 1, T); spks (B, 80))."""
         rows, frames = x.shape[0], x.shape[2]
         size = bucket_of(rows, frames)
-        if size is None or not self.enabled:
-            return self._eager(x, mu, mask, spks, cond, steps)
-        key = (*size, steps, x.dtype, mu.dtype)
         with self._lock:
+            if size is None or not self.enabled:
+                return self._eager(x, mu, mask, spks, cond, steps)
+            key = (*size, steps, x.dtype, mu.dtype, spks.dtype)
             bucket = self._buckets.get(key)
             if bucket is None:
-                bucket = self._new_bucket(size, steps, x, mu)
+                uses = self._uses.pop(key, 0)
+                if uses < self.capture_after:  # not (yet) a shape worth a graph
+                    self._uses[key] = uses + 1
+                    while len(self._uses) > _USES_REMEMBERED:
+                        self._uses.popitem(last=False)
+                    return self._eager(x, mu, mask, spks, cond, steps)
+                bucket = self._new_bucket(size, steps, x, mu, spks)
             else:
                 self._buckets.move_to_end(key)
             bucket.load(x, mu, mask, spks, cond)
-            if bucket.output is None or (self.capture and bucket.graph is None):
+            if bucket.output is None:
                 try:
                     self._prepare(bucket)
                 except Exception as exc:  # a torch or driver that cannot capture this solve
@@ -130,9 +147,7 @@ class FlowGraphs:
                     self.enabled = False
                     self._buckets.clear()
                     return self._eager(x, mu, mask, spks, cond, steps)
-                self._buckets[key] = bucket
-                while len(self._buckets) > self.max_graphs:
-                    self._buckets.popitem(last=False)
+                self._hold(key, bucket)
             if bucket.graph is not None:
                 bucket.graph.replay()
             else:
@@ -141,20 +156,27 @@ class FlowGraphs:
             # Copied out before the lock goes: the next solve may overwrite the output.
             return bucket.output[:rows, :, :frames].clone()
 
+    def _hold(self, key: tuple, bucket: _Bucket) -> None:
+        self._buckets[key] = bucket
+        while len(self._buckets) > 1 and (
+                len(self._buckets) > self.max_graphs
+                or sum(b.x.shape[0] * b.x.shape[2] for b in self._buckets.values()) > MAX_HELD_CELLS):
+            self._buckets.popitem(last=False)
+
     def _eager(self, x, mu, mask, spks, cond, steps: int) -> torch.Tensor:
         self.eager += 1
         t_span = time_span(steps, meanflow=self.meanflow, device=x.device, dtype=mu.dtype)
         return solve(self.cfm, x, t_span, mu, mask, spks, cond, meanflow=self.meanflow)
 
-    def _new_bucket(self, size, steps: int, x, mu) -> _Bucket:
+    def _new_bucket(self, size, steps: int, x, mu, spks) -> _Bucket:
         rows, frames = size
-        zeros = dict(device=x.device)
-        return _Bucket(x=torch.zeros(rows, 80, frames, dtype=x.dtype, **zeros),
-                       mu=torch.zeros(rows, 80, frames, dtype=mu.dtype, **zeros),
-                       mask=torch.zeros(rows, 1, frames, dtype=mu.dtype, **zeros),
-                       spks=torch.zeros(rows, 80, dtype=mu.dtype, **zeros),
-                       cond=torch.zeros(rows, 80, frames, dtype=mu.dtype, **zeros),
-                       t_span=time_span(steps, meanflow=self.meanflow, device=x.device, dtype=mu.dtype))
+        device = x.device
+        return _Bucket(x=torch.zeros(rows, 80, frames, dtype=x.dtype, device=device),
+                       mu=torch.zeros(rows, 80, frames, dtype=mu.dtype, device=device),
+                       mask=torch.zeros(rows, 1, frames, dtype=mu.dtype, device=device),
+                       spks=torch.zeros(rows, spks.shape[1], dtype=spks.dtype, device=device),
+                       cond=torch.zeros(rows, 80, frames, dtype=mu.dtype, device=device),
+                       t_span=time_span(steps, meanflow=self.meanflow, device=device, dtype=mu.dtype))
 
     def _run(self, bucket: _Bucket) -> torch.Tensor:
         return solve(self.cfm, bucket.x, bucket.t_span, bucket.mu, bucket.mask, bucket.spks,
@@ -164,21 +186,9 @@ class FlowGraphs:
         """Capture the bucket's graph (CUDA); without ``capture``, nothing to prepare."""
         if not self.capture:
             return
-        # A warm-up run on a side stream first, as capture requires (lazy
-        # initialisation, cuBLAS workspaces). Captured "thread_local": the
-        # decode thread keeps reading sampled tokens from the device meanwhile,
-        # which a "global" capture would refuse.
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            self._run(bucket)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            bucket.output = self._run(bucket)
-        bucket.graph = graph
+        bucket.graph, bucket.output = graph_capture.capture(lambda: self._run(bucket), self._pool)
         self.captures += 1
         log.info("captured the vocoder's flow solve for %d row(s), %d frames, %d steps",
                  bucket.x.shape[0], bucket.x.shape[2], bucket.t_span.shape[0] - 1)

@@ -11,13 +11,20 @@ _LIBRARY_ALLOC_FAILURES = ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAI
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    """Whether ``exc`` says the device ran out of memory (torch's own error, or a library's)."""
+    """Whether ``exc`` says the device ran out of memory: torch's own error, a library's, or
+    the driver's ("CUDA error: out of memory", e.g. instantiating a captured graph)."""
     if isinstance(exc, torch.OutOfMemoryError):
         return True
-    return isinstance(exc, RuntimeError) and any(s in str(exc) for s in _LIBRARY_ALLOC_FAILURES)
+    message = str(exc)
+    return isinstance(exc, RuntimeError) and (
+        "out of memory" in message or any(s in message for s in _LIBRARY_ALLOC_FAILURES))
 
 
 def release_cached_memory(device: torch.device) -> None:
-    """Hand the caching allocator's free blocks back after out of memory (CUDA only)."""
+    """Hand the caching allocator's free blocks back after out of memory (CUDA only); never
+    while another thread captures a graph (emptying the cache would break its capture)."""
     if device.type == "cuda":
-        torch.cuda.empty_cache()
+        from .graph_capture import CAPTURE_LOCK
+
+        with CAPTURE_LOCK:
+            torch.cuda.empty_cache()

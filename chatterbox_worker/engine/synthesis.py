@@ -362,9 +362,10 @@ class Engine:
                                    exaggeration=values["exaggeration"], sampling=sampling)
         self.synthesize(request, max_tokens=25)
         if self.flow_graphs is not None:
-            # A streamed take too: its first chunk's vocoder call has a shape of its own,
-            # whose CUDA graph is then captured here rather than in the first job's wait.
-            for _ in self.stream(request, max_tokens=25):
-                pass
+            # Streamed takes too: a first chunk's vocoder call has a shape of its own, whose
+            # CUDA graph is made on its second use (``FlowGraphs``): here, not in a job's wait.
+            for _ in range(2):
+                for _ in self.stream(request, max_tokens=25):
+                    pass
         self.warm_up_s = time.perf_counter() - started
         return self.warm_up_s

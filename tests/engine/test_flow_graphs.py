@@ -44,7 +44,7 @@ def test_buckets_round_rows_to_powers_of_two_and_frames_to_the_frame_bucket():
 def test_a_padded_bucket_gives_each_row_what_the_eager_solve_gives(model, rows, frames):
     cfm = model.s3gen.flow.decoder
     call = padded_call(rows=rows, frames=frames, seed=rows + frames)
-    graphs = FlowGraphs(cfm, meanflow=False, capture=False)
+    graphs = FlowGraphs(cfm, meanflow=False, capture=False, capture_after=0)
     with torch.inference_mode():
         expected = eager(cfm, call)
         ours = graphed(graphs, call)
@@ -60,14 +60,14 @@ def test_a_bucket_reused_by_a_smaller_call_keeps_nothing_of_the_larger(model):
     must be cleared: a NaN there would not stay masked (0 x NaN is NaN)."""
     cfm = model.s3gen.flow.decoder
     big, small = padded_call(rows=4, frames=120, seed=1), padded_call(rows=3, frames=90, seed=2)
-    graphs = FlowGraphs(cfm, meanflow=False, capture=False)
+    graphs = FlowGraphs(cfm, meanflow=False, capture=False, capture_after=0)
     with torch.inference_mode():
         graphed(graphs, big)
         [bucket] = graphs._buckets.values()
         for buffer in (bucket.x, bucket.mu, bucket.cond, bucket.spks):
             buffer.fill_(float("nan"))  # the worst a previous call could leave
         again = graphed(graphs, small)
-        fresh = graphed(FlowGraphs(cfm, meanflow=False, capture=False), small)
+        fresh = graphed(FlowGraphs(cfm, meanflow=False, capture=False, capture_after=0), small)
     assert graphs.graphs == 1 and graphs.replays == 2
     assert torch.equal(again, fresh)
     assert torch.isfinite(again).all()
@@ -75,7 +75,7 @@ def test_a_bucket_reused_by_a_smaller_call_keeps_nothing_of_the_larger(model):
 
 def test_the_least_recently_used_bucket_goes_past_the_limit(model):
     cfm = model.s3gen.flow.decoder
-    graphs = FlowGraphs(cfm, meanflow=False, capture=False, max_graphs=2)
+    graphs = FlowGraphs(cfm, meanflow=False, capture=False, max_graphs=2, capture_after=0)
     calls = [padded_call(rows=1, frames=f, seed=f) for f in (60, 100, 60, 140)]
     with torch.inference_mode():
         results = [graphed(graphs, c) for c in calls]
@@ -89,7 +89,7 @@ def test_the_least_recently_used_bucket_goes_past_the_limit(model):
 def test_steps_have_buckets_of_their_own(model):
     cfm = model.s3gen.flow.decoder
     call = padded_call(rows=1, frames=60)
-    graphs = FlowGraphs(cfm, meanflow=False, capture=False)
+    graphs = FlowGraphs(cfm, meanflow=False, capture=False, capture_after=0)
     with torch.inference_mode():
         for steps in (4, 2):
             ours = graphed(graphs, call, steps)
@@ -101,18 +101,18 @@ def test_a_call_too_big_for_a_graph_runs_eagerly(model, monkeypatch):
     monkeypatch.setattr("chatterbox_worker.engine.flow_graphs.MAX_CELLS", 64)
     cfm = model.s3gen.flow.decoder
     call = padded_call(rows=2, frames=40)
-    graphs = FlowGraphs(cfm, meanflow=False, capture=False)
+    graphs = FlowGraphs(cfm, meanflow=False, capture=False, capture_after=0)
     with torch.inference_mode():
         assert torch.equal(graphed(graphs, call), eager(cfm, call))
     assert graphs.eager == 1 and graphs.graphs == 0
 
 
 def test_a_torch_that_cannot_capture_falls_back_to_eager_for_good(model, caplog):
-    """On this CPU a capture fails for real (no CUDA streams): the call still gets the
-    eager solve, and later calls do not try again."""
+    """On this CPU the capture fails as it starts (no CUDA stream to run on): the call
+    still gets the eager solve, and later calls do not try again."""
     cfm = model.s3gen.flow.decoder
     call = padded_call(rows=2, frames=50)
-    graphs = FlowGraphs(cfm, meanflow=False, capture=True)
+    graphs = FlowGraphs(cfm, meanflow=False, capture=True, capture_after=0)
     with caplog.at_level(logging.ERROR), torch.inference_mode():
         first = graphed(graphs, call)
         second = graphed(graphs, call)
@@ -124,7 +124,7 @@ def test_a_torch_that_cannot_capture_falls_back_to_eager_for_good(model, caplog)
 def test_turbos_mean_flow_solve_runs_in_buckets_too(turbo_engine):
     cfm = turbo_engine.model.s3gen.flow.decoder
     x, mu, mask, spks, cond = call = padded_call(rows=3, frames=70, seed=9)
-    graphs = FlowGraphs(cfm, meanflow=True, capture=False)
+    graphs = FlowGraphs(cfm, meanflow=True, capture=False, capture_after=0)
     with torch.inference_mode():
         ours = graphs.solve(x, mu, mask, spks, cond, steps=2)
         t_span = time_span(2, meanflow=True, device="cpu", dtype=torch.float32)
@@ -137,7 +137,7 @@ def test_vocoder_calls_through_buckets_equal_their_eager_calls(engine, voices): 
     model = engine.model
     works = [work(model, voices[0], 1, 12), work(model, voices[1], 2, 30, prompt_tokens=40),
              work(model, voices[2], 3, 21)]
-    graphs = FlowGraphs(model.s3gen.flow.decoder, meanflow=False, capture=False)
+    graphs = FlowGraphs(model.s3gen.flow.decoder, meanflow=False, capture=False, capture_after=0)
     with torch.inference_mode():
         expected = flow_mels_batch(model, works, STEPS)
         ours = flow_mels_batch(model, works, STEPS, graphs)
@@ -167,3 +167,62 @@ def test_warm_up_prepares_the_bucket_of_a_streams_first_chunk(engine, monkeypatc
     first_call = prompt_frames + MELS_PER_TOKEN * (schedule.chunk_size(0) + LOOKAHEAD_TOKENS)
     assert bucket_of(1, first_call) in [key[:2] for key in graphs._buckets]
     assert graphs.replays >= 2  # the one-shot take's call and the stream's
+
+
+def test_a_bucket_is_made_on_its_second_use_the_first_runs_eagerly(model):
+    """One-off shapes (a one-shot take of an unusual length) never pay a capture."""
+    cfm = model.s3gen.flow.decoder
+    call = padded_call(rows=2, frames=70)
+    graphs = FlowGraphs(cfm, meanflow=False, capture=False)
+    with torch.inference_mode():
+        first = graphed(graphs, call)
+        assert torch.equal(first, eager(cfm, call))  # unpadded: the eager solve itself
+        assert graphs.graphs == 0 and graphs.eager == 1
+        second = graphed(graphs, call)
+    assert graphs.graphs == 1 and graphs.replays == 1
+    assert ((second - first) * call[2]).abs().max() < 1e-4
+
+
+def test_held_buckets_are_bounded_by_their_cells_too(model, monkeypatch):
+    monkeypatch.setattr("chatterbox_worker.engine.flow_graphs.MAX_HELD_CELLS", 3 * 128)
+    cfm = model.s3gen.flow.decoder
+    graphs = FlowGraphs(cfm, meanflow=False, capture=False, capture_after=0)
+    with torch.inference_mode():
+        for rows in (1, 2, 1):  # 128 + 256 cells: the 384 allowed
+            graphed(graphs, padded_call(rows=rows, frames=100 + rows))
+        graphed(graphs, padded_call(rows=4, frames=60))  # 256 more: the oldest, (2, 128), goes
+    assert [key[:2] for key in graphs._buckets] == [(1, 128), (4, 64)]
+
+
+@pytest.mark.parametrize("shortage", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    RuntimeError("CUDA error: out of memory"),
+    RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")])
+def test_out_of_memory_while_capturing_is_the_callers_to_handle(model, monkeypatch, shortage):
+    """Not the graph's fault: the error goes to the vocoder batcher (which reruns a batch's
+    calls alone), graphs stay on and the bucket is not kept half made."""
+    cfm = model.s3gen.flow.decoder
+    graphs = FlowGraphs(cfm, meanflow=False, capture=True, capture_after=0)
+
+    def short(bucket):
+        raise shortage
+
+    monkeypatch.setattr(graphs, "_prepare", short)
+    with torch.inference_mode(), pytest.raises(type(shortage)):
+        graphed(graphs, padded_call(rows=2, frames=50))
+    assert graphs.enabled and graphs.graphs == 0
+
+
+def test_the_solve_reads_nothing_from_the_host_nor_makes_tensors_there(model, turbo_engine):
+    """On the meta device any read of a value fails and any tensor made on the CPU inside
+    the solve meets the inputs on another device: what a graph capture needs."""
+    import copy
+
+    for cfm, meanflow, steps in ((model.s3gen.flow.decoder, False, 3),
+                                 (turbo_engine.model.s3gen.flow.decoder, True, 2)):
+        meta = copy.deepcopy(cfm).to("meta")
+        x, mu, mask, spks, cond = (t.to("meta") for t in padded_call(rows=2, frames=40))
+        t_span = time_span(steps, meanflow=meanflow, device="meta", dtype=torch.float32)
+        with torch.inference_mode():
+            out = solve(meta, x, t_span, mu, mask, spks, cond, meanflow=meanflow)
+        assert out.device.type == "meta" and out.shape == x.shape

@@ -10,6 +10,7 @@ def test_torchs_and_the_libraries_allocation_failures_are_out_of_memory():
     assert is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling "
                                          "`cublasCreate(handle)`"))
     assert is_out_of_memory(RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"))
+    assert is_out_of_memory(RuntimeError("CUDA error: out of memory"))  # the driver's, e.g. a graph's
 
 
 def test_other_errors_are_not():
