@@ -78,8 +78,9 @@ def reference_logits(model, request: DecodeRequest, tokens: List[int]) -> List[t
     return logits
 
 
-class Recorder(FastDecoder):
-    """Keeps the logits each slot samples from, by request."""
+class Recording:
+    """Keeps, by request, the logits each slot samples from and the history its penalty sees
+    (mixed into a static-cache decoder)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -88,10 +89,14 @@ class Recorder(FastDecoder):
 
     def _sample(self, n):
         for i, slot in enumerate(self._slots[:n]):
-            self.seen_logits.setdefault(slot.request, []).append(self.logits[2 * i: 2 * i + 2].clone())
+            self.seen_logits.setdefault(slot.request, []).append(self.logits[self._rows(i, i + 1)].clone())
             self.history.setdefault(slot.request, []).append(
                 set(self.seen[i].nonzero().flatten().tolist()))
         return super()._sample(n)
+
+
+class Recorder(Recording, FastDecoder):
+    pass
 
 
 def test_forward_matches_t3_step_by_step_with_requests_joining_and_leaving(model, voices):

@@ -16,7 +16,7 @@ from chatterbox_worker.engine.flow_graphs import FRAME_BUCKET, MAX_CELLS, FlowGr
 from chatterbox_worker.engine.vocoder import flow_mels_batch, vocode_batch
 
 from tests.engine.test_flow import padded_call
-from tests.engine.test_vocoder_batch import voices, work  # noqa: F401 - voices is a fixture
+from tests.engine.test_vocoder_batch import work
 
 STEPS = 4
 
@@ -132,11 +132,11 @@ def test_turbos_mean_flow_solve_runs_in_buckets_too(turbo_engine):
     assert ((ours - expected) * call[2]).abs().max() < 1e-4
 
 
-def test_vocoder_calls_through_buckets_equal_their_eager_calls(engine, voices):  # noqa: F811
+def test_vocoder_calls_through_buckets_equal_their_eager_calls(engine):
     """Whole vocoder calls (encoder, bucketed solve, HiFT) of other lengths in one batch."""
-    model = engine.model
-    works = [work(model, voices[0], 1, 12), work(model, voices[1], 2, 30, prompt_tokens=40),
-             work(model, voices[2], 3, 21)]
+    model, voice = engine.model, engine.builtin_voice
+    works = [work(model, voice, 1, 12), work(model, voice, 2, 30, prompt_tokens=40),
+             work(model, voice, 3, 21, prompt_tokens=25)]
     graphs = FlowGraphs(model.s3gen.flow.decoder, meanflow=False, capture=False, capture_after=0)
     with torch.inference_mode():
         expected = flow_mels_batch(model, works, STEPS)

@@ -6,7 +6,7 @@ processors ``TurboSampler`` runs; its draws for independence from the batch.
 CUDA graphs replay the same ``_step_body`` (``bench/gpu/run.sh`` runs them).
 """
 
-from typing import Dict, List
+from typing import List
 
 import pytest
 import torch
@@ -21,7 +21,7 @@ from chatterbox_worker.engine.batch_decode import DecodeRequest
 from chatterbox_worker.engine.synthesis import Engine
 from chatterbox_worker.engine.turbo_fast import (TurboFastDecoder, turbo_sampling_probs,
                                                  turbo_slot_params)
-from tests.engine.test_fast_decode import run
+from tests.engine.test_fast_decode import Recording, run
 from tests.engine.test_turbo import TEXT, turbo_params, turbo_request
 
 
@@ -46,20 +46,8 @@ def reference_logits(model, request: DecodeRequest, tokens: List[int]) -> List[t
     return logits
 
 
-class Recorder(TurboFastDecoder):
-    """Keeps, by request, the logits each draw came from and the history its penalty saw."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.seen_logits: Dict[DecodeRequest, List[torch.Tensor]] = {}
-        self.history: Dict[DecodeRequest, List[set]] = {}
-
-    def _sample(self, n):
-        for i, slot in enumerate(self._slots[:n]):
-            self.seen_logits.setdefault(slot.request, []).append(self.logits[i:i + 1].clone())
-            self.history.setdefault(slot.request, []).append(
-                set(self.seen[i].nonzero().flatten().tolist()))
-        return super()._sample(n)
+class Recorder(Recording, TurboFastDecoder):
+    pass
 
 
 def test_forward_matches_t3_step_by_step_with_requests_joining_and_leaving(turbo_engine):
