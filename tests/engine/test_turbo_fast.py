@@ -168,3 +168,20 @@ def test_the_engine_serves_concurrent_turbo_jobs_on_the_fast_decoder(turbo_engin
     assert together.audio.shape == alone.audio.shape
     for pieces in chunks:
         assert len(pieces) >= 2 and sum(len(p) for p in pieces) > 0
+
+
+def test_a_bfloat16_turbo_decodes_in_bfloat16(turbo_engine):
+    """CUDA's default format, here on the CPU: the cache and the step in bfloat16, logits
+    sampled in float32, a float32 voice prompt cast on the way in."""
+    import copy
+
+    from chatterbox_worker.engine.model import set_t3_format
+
+    t3 = set_t3_format(copy.deepcopy(turbo_engine.model.t3), "bfloat16")
+    decoder = TurboFastDecoder(t3, slots=2, max_len=1024)
+    assert decoder.k_cache.dtype == torch.bfloat16 and decoder.logits.dtype == torch.float32
+    requests = [make_request(turbo_engine, seed=s, budget=20) for s in (1, 2)]
+    tokens = run(decoder, {0: requests[:1], 2: requests[1:]})
+    for request in requests:
+        assert len(tokens[request]) == 20
+        assert all(0 <= t < t3.hp.speech_tokens_dict_size for t in tokens[request])
