@@ -113,6 +113,7 @@ def main() -> int:
             print(json.dumps(row), file=sys.stderr, flush=True)
     report["graphs"] = {"captures": graphs.captures, "replays": graphs.replays, "eager": graphs.eager,
                         "enabled": graphs.enabled}
+    report["watermark"] = watermark_seconds(str(model.device), timed)
     if cuda:
         report["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
     if args.out:
@@ -129,8 +130,26 @@ def main() -> int:
               f"{r['call_graphed_s']:.3f} | {r['call_eager_s'] / r['call_graphed_s']:.1f} | "
               f"{r['first_graphed_flow_s']:.3f} |")
     print(f"\ngraphs: {report['graphs']}; skipped: {report.get('skipped', [])}")
+    print(f"Perth watermark, seconds per chunk of 1 s / 8 s of audio: {report['watermark']}")
     bad = [r for r in report["rows"] if not r["max_mel_difference"] < 1e-3]
     return 1 if bad or not graphs.enabled and cuda else 0
+
+
+def watermark_seconds(device: str, timed) -> dict:
+    """Perth's time per chunk on the CPU (upstream's place for it) and on ``device``."""
+    import numpy as np
+
+    from chatterbox_worker.engine.vocoder import Watermarker
+
+    out = {}
+    for where in dict.fromkeys(["cpu", device]):
+        marker = Watermarker(True, device=where)
+        for seconds in (1, 8):
+            audio = (np.random.RandomState(seconds).randn(24000 * seconds) * 0.1).astype(np.float32)
+            marker.apply(audio, 24000)  # warm
+            out[f"{where}, {seconds} s"] = round(statistics.median(
+                timed(lambda: marker.apply(audio, 24000))[1] for _ in range(3)), 4)
+    return out
 
 
 if __name__ == "__main__":

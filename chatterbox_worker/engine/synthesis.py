@@ -150,7 +150,7 @@ class Engine:
         self.flow_graphs = (FlowGraphs(model.s3gen.flow.decoder,
                                        meanflow=getattr(model.s3gen, "meanflow", False))
                             if self.cuda_graphs else None)
-        self.watermarker = Watermarker(watermark)
+        self.watermarker = Watermarker(watermark, device=model.device)
         # T3 decoding of every job runs on the scheduler's one thread, where
         # concurrent jobs share each step (continuous batching). Vocoder calls
         # and building a voice take this lock, one at a time (the watermark has

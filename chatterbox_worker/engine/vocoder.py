@@ -401,9 +401,14 @@ class StreamingVocoder:
 
 
 class Watermarker:
-    """Upstream's Perth implicit watermark; one mark at a time (its own lock, not the vocoder's)."""
+    """Upstream's Perth implicit watermark; one mark at a time (its own lock, not the vocoder's).
 
-    def __init__(self, enabled: bool):
+    Perth runs on the model's device. Upstream keeps it on the CPU, where it
+    costs ~10 ms per second of audio (2-core EPYC, 8 s: 77 ms, mostly its
+    spectrogram arithmetic): one at a time, that caps a GPU worker near 100x
+    real time whatever the GPU does."""
+
+    def __init__(self, enabled: bool, device="cpu"):
         self.enabled = enabled
         self._perth = None
         self._lock = threading.Lock()
@@ -412,7 +417,7 @@ class Watermarker:
 
             # Perth announces itself on stdout; the worker keeps stdout for results.
             with contextlib.redirect_stdout(sys.stderr):
-                self._perth = perth.PerthImplicitWatermarker()
+                self._perth = perth.PerthImplicitWatermarker(device=str(device))
 
     def apply(self, audio: np.ndarray, sample_rate: int) -> np.ndarray:
         if not self.enabled or audio.size == 0:

@@ -189,6 +189,8 @@ def test_model_path_prints_nothing_to_stdout(engine, capfd):
 
 def test_watermark_is_on_by_default_and_changes_the_audio(engine, plain_engine):
     assert engine.watermarker.enabled and not plain_engine.watermarker.enabled
+    # Perth runs where the model does (upstream: always the CPU, a bottleneck beside a GPU).
+    assert engine.watermarker._perth.perth_net.device == torch.device(engine.model.device)
     marked, plain = say(engine, seed=4), say(plain_engine, seed=4)
     assert marked.audio.shape == plain.audio.shape
     assert not np.array_equal(marked.audio, plain.audio)
