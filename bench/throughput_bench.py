@@ -840,11 +840,12 @@ def tables(report: dict) -> str:
             what += " (failed)"
         lines.append(f"| ours, {fmt}{what} | {mem['engine_max_batch'] or '-'} | {f(mem['peak_rss_mb'], 0)} | {f(mem['ratio_to_upstream_rss'], 3)} | "
                      f"{f(mem['peak_gpu_mb'], 0)} | {f(mem['ratio_to_upstream_gpu'], 3)} | {phases(mem)} |")
-    loads = [f"upstream {f((report['sides'].get('upstream') or {}).get('load_s'))} s"]
-    for fmt, side in report["sides"].items():
-        if fmt != "upstream" and side.get("load_s") is not None:
-            loads.append(f"ours, {fmt} {f(side['load_s'])} s (warm-up {f(side.get('warm_up_s'))} s)")
-    lines += ["", "Load to ready (cold start, each side's own path): " + "; ".join(loads) + "."]
+    loads = [f"{fmt} {f(side['load_s'])} s (warm-up {f(side.get('warm_up_s'))} s)"
+             for fmt, side in report["sides"].items()
+             if fmt != "upstream" and side.get("load_s") is not None]
+    lines += ["", "Our worker's load to ready (`load_engine`: weights, engine, warm-up; the "
+              "upstream side shares our loader, so `bench/load_bench.py` compares loading): "
+              + "; ".join(loads) + "."]
     if report["skipped"]:
         lines += ["", "Skipped or cut short:", ""]
         lines += [f"- {item['row']}: {item['reason']}" for item in report["skipped"]]
