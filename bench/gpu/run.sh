@@ -15,7 +15,9 @@
 #      PYTHON=.venv/bin/python SKIP_INSTALL=1 SIZE=tiny TOKENS=40 bash bench/gpu/run.sh);
 #   2. build the random checkpoint (SIZE=full|tiny);
 #   3. bench/gpu/vocoder_graphs.py: the vocoder's flow solve under CUDA graphs vs eager (same
-#      mels? seconds per call), at most ~150 s (VOCODER_GRAPHS=0 skips it);
+#      mels? seconds per call), at most ~150 s (VOCODER_GRAPHS=0 skips it); then
+#      bench/gpu/decoder_graphs.py: T3's decoders, the original's and turbo's (a tiny turbo
+#      checkpoint), graphed vs eager, at most ~120 s (DECODER_GRAPHS=0 skips it);
 #   4. bench/throughput_bench.py: upstream baseline, batch-1 decode per format,
 #      streamed then one-shot concurrency rows, with --max-seconds = what is left
 #      minus STREAM_RESERVE_S; rows that would not fit are skipped and reported;
@@ -74,6 +76,18 @@ if [ "${VOCODER_GRAPHS:-1}" != 0 ]; then
     --max-seconds 90 --out "$OUT/vocoder-graphs-$SIZE-$DEVICE.json" 2> "$OUT/vocoder-graphs.stderr.log" \
     | tee "$OUT/vocoder-graphs-$SIZE-$DEVICE.md" || status=$?
   echo "vocoder graphs check: exit $status after ${SECONDS}s"
+fi
+
+# T3's decoders (the original's and turbo's) with CUDA graphs vs eager (DECODER_GRAPHS=0 skips).
+if [ "${DECODER_GRAPHS:-1}" != 0 ]; then
+  TURBO_CKPT=/tmp/cbw-bench-turbo-tiny
+  if [ ! -f "$TURBO_CKPT/t3_turbo_v1.safetensors" ]; then
+    "$PYTHON" -m chatterbox_worker.tiny_model "$TURBO_CKPT" --variant turbo --size tiny > /dev/null
+  fi
+  status=0
+  timeout 120 "$PYTHON" bench/gpu/decoder_graphs.py --checkpoint "$CKPT" --turbo-checkpoint "$TURBO_CKPT" \
+    --device "$DEVICE" 2> "$OUT/decoder-graphs.stderr.log" | tee "$OUT/decoder-graphs-$SIZE-$DEVICE.md" || status=$?
+  echo "decoder graphs check: exit $status after ${SECONDS}s"
 fi
 
 reserve=0

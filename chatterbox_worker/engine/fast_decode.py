@@ -476,8 +476,10 @@ class FastDecoder(StaticCacheDecoder):
 
 def slot_params(params: SamplingParams) -> torch.Tensor:
     """The per-slot parameter row ``sampling_probs`` reads."""
+    # top-p as the mass it may drop, 1 - top_p, computed here in double precision as HF's
+    # warper computes it: from a float32 top_p the threshold would round differently.
     return torch.tensor([params.cfg_weight, params.repetition_penalty, params.temperature,
-                         params.min_p, params.top_p], dtype=torch.float32)
+                         params.min_p, 1.0 - params.top_p], dtype=torch.float32)
 
 
 def sampling_probs(cond: torch.Tensor, uncond: torch.Tensor, params: torch.Tensor,
@@ -489,7 +491,7 @@ def sampling_probs(cond: torch.Tensor, uncond: torch.Tensor, params: torch.Tenso
     ``seen``, temperature, min-p, top-p, softmax. ``top_p=False`` skips the
     sort when no request asks for top-p (it removes nothing at 1.0).
     """
-    cfg, penalty, temperature, min_p, top_p_value = params.unbind(1)
+    cfg, penalty, temperature, min_p, top_p_drop = params.unbind(1)
     scores = cond + cfg[:, None] * (cond - uncond)
     penalised = torch.where(scores < 0, scores * penalty[:, None], scores / penalty[:, None])
     scores = torch.where(seen, penalised, scores)
@@ -502,7 +504,7 @@ def sampling_probs(cond: torch.Tensor, uncond: torch.Tensor, params: torch.Tenso
         # Drop the least likely tokens whose mass stays within 1 - top_p (keep at least one).
         ordered, order = torch.sort(scores, descending=False)
         cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
-        drop = cumulative <= (1 - top_p_value[:, None])
+        drop = cumulative <= top_p_drop[:, None]
         drop[:, -1] = False
         scores = scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     return torch.softmax(scores, dim=-1)

@@ -11,13 +11,21 @@ _LIBRARY_ALLOC_FAILURES = ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAI
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    """Whether ``exc`` says the device ran out of memory: torch's own error, a library's, or
-    the driver's ("CUDA error: out of memory", e.g. instantiating a captured graph)."""
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
-    message = str(exc)
-    return isinstance(exc, RuntimeError) and (
-        "out of memory" in message or any(s in message for s in _LIBRARY_ALLOC_FAILURES))
+    """Whether ``exc``, or an error it was raised from or while handling, says the device ran
+    out of memory: torch's own error, a library's, or the driver's ("CUDA error: out of
+    memory", e.g. instantiating a captured graph). A capture that runs out of memory ends
+    with an error of its own about the broken capture, raised while handling that one."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, torch.OutOfMemoryError):
+            return True
+        message = str(exc)
+        if isinstance(exc, RuntimeError) and (
+                "out of memory" in message or any(s in message for s in _LIBRARY_ALLOC_FAILURES)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def release_cached_memory(device: torch.device) -> None:

@@ -46,7 +46,8 @@ def turbo_slot_params(params: SamplingParams) -> torch.Tensor:
     """The per-slot parameter row ``turbo_sampling_probs`` reads: each processor's value, or
     the value that leaves the logits as they are where ``TurboSampler`` would not apply it."""
     temperature = params.temperature if params.temperature > 0 else 1.0
-    return torch.tensor([temperature, float(max(int(params.top_k or 0), 0)), params.top_p,
+    # top-p as the mass it may drop, computed in double precision as HF's warper does.
+    return torch.tensor([temperature, float(max(int(params.top_k or 0), 0)), 1.0 - params.top_p,
                          params.repetition_penalty], dtype=torch.float32)
 
 
@@ -55,7 +56,7 @@ def turbo_sampling_probs(logits: torch.Tensor, params: torch.Tensor, seen: torch
     """(n, vocab) probabilities to draw from, for n requests at once: ``TurboSampler``'s chain
     (HF's temperature, top-k, top-p and repetition-penalty processors) per row of
     ``turbo_slot_params``. ``top_k``/``top_p`` False skip the sorts when no row cuts."""
-    temperature, k, top_p_value, penalty = params.unbind(1)
+    temperature, k, top_p_drop, penalty = params.unbind(1)
     scores = logits / temperature[:, None]
     if top_k:
         # Keep the k likeliest (ties with the k-th included); k = 0 keeps all.
@@ -66,7 +67,7 @@ def turbo_sampling_probs(logits: torch.Tensor, params: torch.Tensor, seen: torch
         # Drop the least likely tokens whose mass stays within 1 - top_p (keep at least one).
         ordered, order = torch.sort(scores, descending=False)
         cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
-        drop = (cumulative <= (1 - top_p_value[:, None])) & (top_p_value < 1.0)[:, None]
+        drop = (cumulative <= top_p_drop[:, None]) & (top_p_drop > 0)[:, None]  # top_p < 1
         drop[:, -1] = False
         scores = scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     penalised = torch.where(scores < 0, scores * penalty[:, None], scores / penalty[:, None])
@@ -86,16 +87,18 @@ class TurboFastDecoder(StaticCacheDecoder):
         if not getattr(t3, "is_gpt", False):
             raise ValueError("TurboFastDecoder supports T3's GPT-2 backbone only")
         config = t3.tfmr.config
-        if getattr(config, "reorder_and_upcast_attn", False):
-            raise ValueError("GPT-2's reordered, upcast attention is not supported")
+        # HF's GPT-2 honours these in its eager attention only (its SDPA path, the default,
+        # scales by 1/sqrt(head_dim) whatever they say): Turbo's config leaves them at their
+        # defaults, and a config that does not would decode differently here and in the prefill.
+        if (getattr(config, "reorder_and_upcast_attn", False)
+                or getattr(config, "scale_attn_by_inverse_layer_idx", False)
+                or not getattr(config, "scale_attn_weights", True)):
+            raise ValueError("GPT-2 attention options other than the defaults are not supported")
         self.blocks = list(t3.tfmr.h)
         super().__init__(t3, slots=slots, max_len=min(max_len, config.n_positions),
                          cuda_graphs=cuda_graphs, layers=len(self.blocks), heads=config.n_head,
                          head_dim=config.n_embd // config.n_head)
-        # GPT-2's attention scale, per block as HF's ``eager_attention_forward`` applies it.
-        base = self.head_dim ** -0.5 if config.scale_attn_weights else 1.0
-        self.scales = [base / (i + 1) if config.scale_attn_by_inverse_layer_idx else base
-                       for i in range(len(self.blocks))]
+        self.scale = self.head_dim ** -0.5
 
     def _prefill_inputs(self, request: DecodeRequest) -> Tuple[torch.Tensor, torch.Tensor]:
         t3_cond = request.t3_cond
@@ -128,7 +131,7 @@ class TurboFastDecoder(StaticCacheDecoder):
             keys[row_index, :, pos] = k
             values[row_index, :, pos] = v
             out = F.scaled_dot_product_attention(q[:, :, None], keys[:, :, :span], values[:, :, :span],
-                                                 attn_mask=mask, scale=self.scales[layer_idx])
+                                                 attn_mask=mask, scale=self.scale)
             hidden = residual + torch.addmm(attn.c_proj.bias, out.reshape(rows, -1), attn.c_proj.weight)
             residual = hidden
             x = mlp.act(torch.addmm(mlp.c_fc.bias, block.ln_2(hidden), mlp.c_fc.weight))

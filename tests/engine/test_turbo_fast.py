@@ -3,7 +3,8 @@
 Its forward against T3's own GPT-2 (HF, growing cache) position by position,
 with requests joining and leaving; its sampling chain against the HF
 processors ``TurboSampler`` runs; its draws for independence from the batch.
-CUDA graphs replay the same ``_step_body`` (``bench/gpu/run.sh`` runs them).
+CUDA graphs replay the same ``_step_body`` (``bench/gpu/decoder_graphs.py``, part of
+``bench/gpu/run.sh``, compares them with eager on a GPU).
 """
 
 from typing import List
@@ -11,10 +12,6 @@ from typing import List
 import pytest
 import torch
 from transformers import DynamicCache
-from transformers.generation.logits_process import (LogitsProcessorList,
-                                                    RepetitionPenaltyLogitsProcessor,
-                                                    TemperatureLogitsWarper, TopKLogitsWarper,
-                                                    TopPLogitsWarper)
 
 from chatterbox_worker.engine import turbo
 from chatterbox_worker.engine.batch_decode import DecodeRequest
@@ -103,27 +100,21 @@ def test_same_seed_same_tokens_other_seed_other_tokens(turbo_engine):
     dict(temperature=1.3, top_k=7, top_p=0.8, repetition_penalty=2.0),
     dict(temperature=0.6, top_k=0, top_p=1.0, repetition_penalty=1.0),
     dict(temperature=1.0, top_k=50, top_p=0.3, repetition_penalty=1.5),
+    dict(temperature=0.0, top_k=10000, top_p=0.95),  # no temperature; k past the vocabulary
 ])
 @pytest.mark.parametrize("history", [[399], [7, 12, 12, 250, 3]], ids=["start-token", "generated"])
-def test_sampling_chain_equals_turbo_samplers_processors(changes, history):
-    """Two rows with other parameters at once, each against HF's processors in
-    ``TurboSampler``'s order (temperature, top-k, top-p, repetition penalty)."""
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
+def test_sampling_chain_equals_turbo_samplers_processors(changes, history, ties):
+    """Two rows with other parameters at once, each against the processors ``TurboSampler``
+    builds (HF's: temperature, top-k, top-p, repetition penalty, those that apply)."""
     torch.manual_seed(0)
     vocab = 400
-    logits = torch.randn(2, vocab) * 3
+    logits = torch.randint(-4, 5, (2, vocab)).float() if ties else torch.randn(2, vocab) * 3
     rows = [turbo_params(**changes), turbo_params()]
     history = torch.tensor([history])
     expected = []
     for row, params in enumerate(rows):
-        processors = LogitsProcessorList()
-        if params.temperature != 1.0:
-            processors.append(TemperatureLogitsWarper(params.temperature))
-        if params.top_k > 0:
-            processors.append(TopKLogitsWarper(params.top_k))
-        if params.top_p < 1.0:
-            processors.append(TopPLogitsWarper(params.top_p))
-        if params.repetition_penalty != 1.0:
-            processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+        processors = turbo.TurboSampler(params, torch.Generator(), 399, "cpu").processors
         expected.append(torch.softmax(processors(history, logits[row:row + 1]), dim=-1))
     expected = torch.cat(expected)
 
@@ -132,6 +123,14 @@ def test_sampling_chain_equals_turbo_samplers_processors(changes, history):
     got = turbo_sampling_probs(logits, torch.stack([turbo_slot_params(p) for p in rows]), seen)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
     assert torch.equal(got > 0, expected > 0)  # the same tokens survive the cuts
+
+
+def test_the_top_p_threshold_rounds_as_hfs():
+    """1 - top_p in double precision, then compared in float32, as HF's warper: a float32
+    top_p would put the threshold one float32 step higher for top_p 0.95."""
+    drop = turbo_slot_params(turbo_params(top_p=0.95))[2]
+    assert float(drop) == float(torch.tensor(1 - 0.95, dtype=torch.float32))
+    assert float(drop) != float(1 - torch.tensor(0.95, dtype=torch.float32))
 
 
 def test_the_first_token_is_kept_even_when_it_is_the_stop_token(turbo_engine):
@@ -178,10 +177,43 @@ def test_a_bfloat16_turbo_decodes_in_bfloat16(turbo_engine):
     from chatterbox_worker.engine.model import set_t3_format
 
     t3 = set_t3_format(copy.deepcopy(turbo_engine.model.t3), "bfloat16")
-    decoder = TurboFastDecoder(t3, slots=2, max_len=1024)
+    decoder = Recorder(t3, slots=2, max_len=1024)
     assert decoder.k_cache.dtype == torch.bfloat16 and decoder.logits.dtype == torch.float32
     requests = [make_request(turbo_engine, seed=s, budget=20) for s in (1, 2)]
     tokens = run(decoder, {0: requests[:1], 2: requests[1:]})
+    bf16_model = copy.copy(turbo_engine.model)
+    bf16_model.t3 = t3
     for request in requests:
         assert len(tokens[request]) == 20
-        assert all(0 <= t < t3.hp.speech_tokens_dict_size for t in tokens[request])
+        bf16_request = copy.copy(request)
+        bf16_request.t3_cond = request.t3_cond.to(dtype=torch.bfloat16)
+        expected = reference_logits(bf16_model, bf16_request, tokens[request])
+        for mine, theirs in zip(decoder.seen_logits[request], expected):
+            # HF's own bfloat16 forward: equal up to a step or so of bfloat16 rounding.
+            torch.testing.assert_close(mine, theirs.float(), rtol=0, atol=0.25)
+
+
+def test_a_first_draw_of_the_stop_token_is_kept_and_the_next_one_ends(turbo_engine):
+    """Upstream's loop checks for the stop token from its second draw on (the first is
+    dropped before vocoding if special): a T3 that always says stop gives [stop]."""
+    import copy
+
+    t3 = copy.deepcopy(turbo_engine.model.t3)
+    stop = t3.hp.stop_speech_token
+    with torch.no_grad():
+        t3.speech_head.bias[stop] += 50
+    request = make_request(turbo_engine, budget=10)
+    assert run(TurboFastDecoder(t3, slots=1, max_len=1024), {0: [request]})[request] == [stop]
+
+
+@pytest.mark.parametrize("option", [dict(scale_attn_by_inverse_layer_idx=True),
+                                    dict(scale_attn_weights=False),
+                                    dict(reorder_and_upcast_attn=True)])
+def test_gpt2_attention_options_hf_would_not_honour_alike_are_refused(turbo_engine, option):
+    import copy
+
+    t3 = copy.deepcopy(turbo_engine.model.t3)
+    for name, value in option.items():
+        setattr(t3.tfmr.config, name, value)
+    with pytest.raises(ValueError, match="attention options"):
+        TurboFastDecoder(t3, slots=1, max_len=1024)
