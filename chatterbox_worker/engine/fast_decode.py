@@ -245,19 +245,7 @@ class StaticCacheDecoder:
             self.row_pos[self._rows(0, running)] += 1
             for slot in self._slots:
                 slot.length += 1
-        while self._waiting and len(self._slots) < self.slots:
-            request = self._waiting.pop(0)
-            if request.max_new_tokens <= 0:
-                events.append(StepEvent(request, None, True))
-                continue
-            try:
-                self._prefill(request)
-            except Exception as exc:  # its prompt alone failed: only its own free rows were touched
-                if is_out_of_memory(exc):  # this request alone did not fit
-                    events.append(StepEvent(request, None, True, _out_of_memory(exc)))
-                    release_cached_memory(self.device)
-                else:
-                    events.append(StepEvent(request, None, True, exc))
+        self._admit(events)
         if not self._slots:
             return events
         tokens = self._sample(len(self._slots)).tolist()  # the one host synchronisation
@@ -285,35 +273,100 @@ class StaticCacheDecoder:
         """(``ROWS_PER_SLOT``, T, dim) prompt embeddings of ``request``, and its parameter row."""
         raise NotImplementedError
 
-    def _prefill(self, request: DecodeRequest) -> None:
-        """The prompt of ``request`` through T3 alone, into the next free slot."""
+    def _admit(self, events: List[StepEvent]) -> None:
+        """Prefill waiting requests into the free slots: together, in one padded forward (on a
+        GPU a prefill is bound by launches, so requests that arrive together would otherwise
+        queue one prefill each before anyone's first token); one by one if that fails, so a
+        request that does not fit, or fails, fails alone and only its own free rows are touched."""
+        prepared = []
+        while self._waiting and len(self._slots) + len(prepared) < self.slots:
+            request = self._waiting.pop(0)
+            if request.max_new_tokens <= 0:
+                events.append(StepEvent(request, None, True))
+                continue
+            try:
+                inputs, params = self._prefill_inputs(request)
+                if inputs.size(1) + request.max_new_tokens >= self.max_len:
+                    raise ValueError(f"prompt of {inputs.size(1)} positions plus "
+                                     f"{request.max_new_tokens} tokens exceeds the decoder's {self.max_len}")
+            except Exception as exc:
+                events.append(StepEvent(request, None, True, exc))
+                continue
+            prepared.append((request, inputs, params))
+        if len(prepared) > 1:
+            try:
+                self._prefill(prepared)
+                return
+            except Exception as exc:
+                if is_out_of_memory(exc):
+                    log.warning("out of memory prefilling %d requests together: one by one",
+                                len(prepared))
+            release_cached_memory(self.device)  # after the except: its traceback held the batch's
+        for item in prepared:
+            if item[0] in self._by_request:  # taken its slot before the shared prefill failed
+                continue
+            try:
+                self._prefill([item])
+            except Exception as exc:  # its prompt alone failed: only its own free rows were touched
+                if is_out_of_memory(exc):  # this request alone did not fit
+                    events.append(StepEvent(item[0], None, True, _out_of_memory(exc)))
+                    release_cached_memory(self.device)
+                else:
+                    events.append(StepEvent(item[0], None, True, exc))
+
+    def _prefill(self, prepared: List[Tuple[DecodeRequest, torch.Tensor, torch.Tensor]]) -> None:
+        """The prompts of ``prepared`` (request, prompt embeddings, parameter row) through T3
+        in one forward, padded on the right to the longest, into the next free slots. A row's
+        positions see only earlier ones, so padding after a prompt changes nothing it computes
+        (up to the rounding of a product over more rows)."""
         t3 = self.t3
-        inputs, params = self._prefill_inputs(request)
-        length = inputs.size(1)
-        if length + request.max_new_tokens >= self.max_len:
-            raise ValueError(f"prompt of {length} positions plus {request.max_new_tokens} tokens "
-                             f"exceeds the decoder's {self.max_len}")
-        self._reserve(length + request.max_new_tokens + 1)
+        lengths = [inputs.size(1) for _, inputs, _ in prepared]
+        self._reserve(max(n + request.max_new_tokens + 1
+                          for n, (request, _, _) in zip(lengths, prepared)))
+        if len(prepared) == 1:
+            inputs, attention_mask = prepared[0][1], None
+        else:
+            longest = max(lengths)
+            rows = sum(inputs.size(0) for _, inputs, _ in prepared)
+            first = prepared[0][1]
+            inputs = first.new_zeros(rows, longest, first.size(2))
+            attention_mask = torch.zeros(rows, longest, dtype=torch.long, device=first.device)
+            row = 0
+            for (_, embeds, _), n in zip(prepared, lengths):
+                inputs[row:row + embeds.size(0), :n] = embeds
+                attention_mask[row:row + embeds.size(0), :n] = 1
+                row += embeds.size(0)
         cache = DynamicCache()
-        out = t3.tfmr(inputs_embeds=inputs, past_key_values=cache, use_cache=True)
-        index = len(self._slots)
-        rows = self._rows(index, index + 1)
-        for layer in range(self._cache_shape[0]):
-            keys, values = _layer_kv(cache, layer)
-            self.k_cache[layer, rows, :, :length] = keys
-            self.v_cache[layer, rows, :, :length] = values
-        self.logits[rows] = t3.speech_head(out.last_hidden_state[:, -1, :]).float()
-        self.row_pos[rows] = length
-        self.seeds[index] = int(torch.randint(0, 2**62, (1,), generator=request.generator,
-                                              device=request.generator.device))
-        self.steps[index] = 0
-        self.seen[index] = False
-        self.seen[index, t3.hp.start_speech_token] = True  # upstream's history starts with it
-        self.params[index] = params
-        self._joined += 1
-        slot = _Slot(request=request, joined=self._joined, length=length)
-        self._slots.append(slot)
-        self._by_request[request] = slot
+        out = t3.tfmr(inputs_embeds=inputs, attention_mask=attention_mask, past_key_values=cache,
+                      use_cache=True)
+        starts = [0]
+        for _, embeds, _ in prepared:
+            starts.append(starts[-1] + embeds.size(0))
+        # Every row's last prompt position, through the head at once, before any slot is
+        # taken: what can still fail (memory) fails with nothing half done.
+        last = torch.cat([out.last_hidden_state[start:end, n - 1, :]
+                          for start, end, n in zip(starts, starts[1:], lengths)])
+        logits = t3.speech_head(last).float()
+        for (request, embeds, params), length, start, end in zip(prepared, lengths, starts, starts[1:]):
+            mine = slice(start, end)
+            index = len(self._slots)
+            rows = self._rows(index, index + 1)
+            for layer in range(self._cache_shape[0]):
+                keys, values = _layer_kv(cache, layer)
+                self.k_cache[layer, rows, :, :length] = keys[mine, :, :length]
+                self.v_cache[layer, rows, :, :length] = values[mine, :, :length]
+            self.logits[rows] = logits[mine]
+            self.row_pos[rows] = length
+            self.seeds[index] = int(torch.randint(0, 2**62, (1,), generator=request.generator,
+                                                  device=request.generator.device))
+            self.steps[index] = 0
+            self.seen[index] = False
+            self.seen[index, t3.hp.start_speech_token] = True  # upstream's history starts with it
+            self.params[index] = params
+            self._joined += 1
+            slot = _Slot(request=request, joined=self._joined, length=length)
+            self._slots.append(slot)
+            self._by_request[request] = slot
 
     def _forward(self, n: int) -> None:
         """Logits of the next token for the first ``n`` slots' rows, into ``self.logits``."""

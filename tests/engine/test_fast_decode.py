@@ -271,3 +271,64 @@ def test_the_cache_grows_to_what_requests_need_without_disturbing_running_ones(m
     tokens = run(decoder, {0: [short], 5: [long]})
     assert decoder.capacity == 512  # prompt + 400 tokens, rounded up to a length bucket
     assert tokens[short] == alone and len(tokens[long]) == 400
+
+
+def test_requests_arriving_together_share_one_prefill(model, voices, monkeypatch):
+    """One padded forward for all prompts admitted at a step (a GPU prefill is bound by
+    launches); each request's logits are what its prefill alone gives (the forward test
+    above checks them against T3's own, with prompts of other lengths joining together)."""
+    requests = [make_request(model, voices["builtin"], text, seed=i, budget=6) for i, text in
+                enumerate(["One.", "A second, longer prompt than the first.", "Third."])]
+    forward, prefills = model.t3.tfmr.forward, []
+
+    def counting(*args, **kwargs):
+        if kwargs.get("attention_mask") is not None or kwargs["inputs_embeds"].size(1) > 1:
+            prefills.append(kwargs["inputs_embeds"].size(0))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model.t3.tfmr, "forward", counting)
+    tokens = run(FastDecoder(model.t3, slots=3, max_len=256), {0: requests})
+    assert prefills == [6]  # three requests, two rows each (guidance), one forward
+    assert all(len(tokens[r]) == 6 for r in requests)
+
+
+def test_out_of_memory_in_a_shared_prefill_retries_one_by_one(model, voices, monkeypatch):
+    """The shared prefill does not fit: each request is prefilled alone; one that does not fit
+    alone fails alone, with the out-of-memory error, and the others decode as they would."""
+    texts = ["One.", "A second, longer prompt than the first.", "Third."]
+
+    def requests():
+        return [make_request(model, voices["builtin"], text, seed=i, budget=8)
+                for i, text in enumerate(texts)]
+
+    alone = {i: run(FastDecoder(model.t3, slots=1, max_len=256), {0: [r]})[r]
+             for i, r in enumerate(requests())}
+    probe = FastDecoder(model.t3, slots=1, max_len=256)
+    lengths = [probe._prefill_inputs(r)[0].size(1) for r in requests()]
+    assert lengths[1] > max(lengths[0], lengths[2])  # the second prompt is the one that fails
+    forward = model.t3.tfmr.forward
+
+    def short_of_memory(*args, **kwargs):
+        embeds = kwargs["inputs_embeds"]
+        if embeds.size(0) > 2 or embeds.size(1) == lengths[1]:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model.t3.tfmr, "forward", short_of_memory)
+    batch = requests()
+    decoder = FastDecoder(model.t3, slots=3, max_len=256)
+    for request in batch:
+        decoder.add(request)
+    events = decoder.step()
+    failed = [e for e in events if e.error is not None]
+    assert [e.request for e in failed] == [batch[1]] and "out of memory" in str(failed[0].error)
+    monkeypatch.setattr(model.t3.tfmr, "forward", forward)
+    tokens = {batch[0]: [], batch[2]: []}
+    for event in events:
+        if event.token is not None:
+            tokens[event.request].append(event.token)
+    while len(decoder):
+        for event in decoder.step():
+            if event.token is not None:
+                tokens[event.request].append(event.token)
+    assert tokens[batch[0]] == alone[0] and tokens[batch[2]] == alone[2]
