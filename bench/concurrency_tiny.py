@@ -24,11 +24,12 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from throughput_bench import scratch_dir  # noqa: E402  (temporary folders removed at exit)
 
 TEXT = "Streaming four jobs at once on one model, every chunk as soon as it is made."
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -57,7 +58,7 @@ def measure(mode: str, checkpoint: Path, jobs: int, repeats: int) -> dict:
 
     env = {"CHATTERBOX_MODEL_DIR": str(checkpoint), "CHATTERBOX_DEVICE": "cpu",
            "CHATTERBOX_WATERMARK": "false", "MAX_CONCURRENCY": str(jobs),
-           "CHATTERBOX_VOCODER_BATCH": mode, "VOICES_DIR": tempfile.mkdtemp(prefix="voices-")}
+           "CHATTERBOX_VOCODER_BATCH": mode, "VOICES_DIR": str(scratch_dir("cbw-voices-"))}
     settings = load_settings(env)
     engine = load_engine(settings)
     store = VoiceStore(settings.voices_dir, model_signature=engine.model.signature,
@@ -124,7 +125,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from chatterbox_worker.tiny_model import write_checkpoint
 
-    checkpoint = write_checkpoint(Path(tempfile.mkdtemp(prefix="cbw-tiny-")), seed=0)
+    checkpoint = write_checkpoint(scratch_dir("cbw-tiny-"), seed=0)
     results = [measure(mode, checkpoint, args.jobs, args.repeats) for mode in args.modes.split(",")]
     print(json.dumps(results, indent=1))
     text = table(results, args.jobs, argv)

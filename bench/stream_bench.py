@@ -22,7 +22,6 @@ import contextlib
 import copy
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from chatterbox_worker.engine.quiet import filter_third_party_warnings  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput_bench import machine  # noqa: E402  (one description of the machine for both)
+from throughput_bench import machine, scratch_dir  # noqa: E402  (one description of the machine for both)
 
 TEXT = ("The quick brown fox jumps over the lazy dog, and then it runs all the way home "
         "across the fields, past the old mill and the river, before the sun goes down.")
@@ -84,7 +83,7 @@ def main() -> int:
     device = default_device(args.device)
     checkpoint = args.checkpoint
     if checkpoint is None:
-        checkpoint = Path(tempfile.mkdtemp(prefix="cbw-full-"))
+        checkpoint = scratch_dir("cbw-full-")
         started = time.perf_counter()
         write_checkpoint(checkpoint, seed=0, sizes=ModelSizes())
         print(f"built full-size random checkpoint in {time.perf_counter() - started:.0f}s", file=sys.stderr)

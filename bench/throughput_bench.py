@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import base64
 import datetime
 import hashlib
@@ -52,6 +53,7 @@ import os
 import platform
 import resource
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -86,6 +88,14 @@ RESULTS_HEADER = "## Throughput and concurrency vs upstream (`bench/throughput_b
 
 # ----------------------------------------------------------------------------
 # shared helpers
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A temporary folder removed when this process exits: a checkpoint built at the
+    released size is 3 GB, and a benchmark run now and then should not fill the disk."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, True)
+    return path
 
 
 def machine() -> dict:
@@ -936,7 +946,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     out = args.out or (Path(tempfile.gettempdir()) / "throughput-quick.json" if args.quick
                        else ROOT / "bench" / "throughput.json")
 
-    work = Path(tempfile.mkdtemp(prefix="cbw-throughput-"))
+    work = scratch_dir("cbw-throughput-")
     report: dict = {"date": datetime.date.today().isoformat(), "command": reproducing_command(args, argv),
                     "machine": machine(), "device": device, "tokens": tokens, "text": TEXT,
                     "formats": formats, "throughput_format": tp_format,

@@ -78,7 +78,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from throughput_bench import TEXT, Side, machine  # noqa: E402  (same text, same machine description)
+from throughput_bench import TEXT, Side, machine, scratch_dir  # noqa: E402  (same text, same machine description)
 from throughput_bench import run_side as throughput_run_side  # noqa: E402
 
 VARIANTS = ("original", "multilingual", "turbo")
@@ -279,7 +279,7 @@ def side_ours(args, side: Side) -> None:
     env.update({"CHATTERBOX_MODEL_DIR": str(args.checkpoint), "CHATTERBOX_VARIANT": variant,
                 "CHATTERBOX_DEVICE": args.device, "CHATTERBOX_WATERMARK": "false",
                 "CHATTERBOX_WARMUP": "false",  # ours below, capped at WARM_TOKENS as upstream's
-                "VOICES_DIR": tempfile.mkdtemp(prefix="cbw-voices-"), "MAX_CONCURRENCY": "1"})
+                "VOICES_DIR": str(scratch_dir("cbw-voices-")), "MAX_CONCURRENCY": "1"})
     if args.dtype:
         env["CHATTERBOX_DTYPE"] = args.dtype
     for name in ("CHATTERBOX_FLOW_STEPS", "CHATTERBOX_MTL_T3"):
@@ -622,7 +622,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     out = args.out or ROOT / "bench" / "results" / f"variants-{kind}-{date}.json"
     if args.size == "tiny" and args.out is None:
         out = Path(tempfile.gettempdir()) / f"variants-tiny-{device}.json"
-    base = args.checkpoint_dir or Path(tempfile.mkdtemp(prefix="cbw-variants-"))
+    base = args.checkpoint_dir or scratch_dir("cbw-variants-")
     report: dict = {"date": date, "command": reproducing_command(argv), "machine": machine(),
                     "device": device, "size": args.size, "tokens": args.tokens,
                     "repeats": args.repeats, "text": TEXT, "variants": variants,
