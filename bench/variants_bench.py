@@ -59,6 +59,7 @@ and reported; a side still running at the limit is stopped.
 from __future__ import annotations
 
 import argparse
+import atexit
 import copy
 import datetime
 import json
@@ -412,6 +413,7 @@ def side_main(args) -> int:
     # Everything is reported: leave without the interpreter's teardown (a full-size side
     # of chatterbox 0.1.7 was seen to abort in it, "terminate called without an active exception").
     sys.stderr.flush()
+    atexit._run_exitfuncs()  # what this process registered (its scratch folders), then out
     os._exit(0)
 
 
