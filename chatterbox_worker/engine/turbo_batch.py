@@ -14,9 +14,10 @@ same way:
   BLAS sums one row in another order than several, so with ``exact=True``
   each request's row is its own block of one ``baddbmm`` (which reproduces
   the one-row ``addmm`` bit for bit, weights read once per step).
-  ``exact=False`` runs one ``addmm`` over all rows (the GPU path: faster,
-  tokens may part from the single-request loop where a draw falls within
-  rounding). The speech head runs per request, as alone.
+  ``exact=False`` runs one ``addmm`` over all rows (faster, tokens may part
+  from the single-request loop where a draw falls within rounding; the
+  engine's GPU path is ``turbo_fast.TurboFastDecoder``). The speech head
+  runs per request, as alone.
 - Sampling runs per request with the single-request code (``TurboSampler``).
 
 Checked bit for bit in float32 on CPU with one thread on the tiny Turbo
