@@ -273,6 +273,11 @@ class StaticCacheDecoder:
         """(``ROWS_PER_SLOT``, T, dim) prompt embeddings of ``request``, and its parameter row."""
         raise NotImplementedError
 
+    def _t3_cond(self, request: DecodeRequest):
+        """The request's voice conditioning in T3's format (voices are kept in float32)."""
+        t3_cond = request.t3_cond
+        return t3_cond if self.dtype == torch.float32 else t3_cond.to(dtype=self.dtype)
+
     def _admit(self, events: List[StepEvent]) -> None:
         """Prefill waiting requests into the free slots: together, in one padded forward (on a
         GPU a prefill is bound by launches, so requests that arrive together would otherwise
@@ -452,10 +457,7 @@ class FastDecoder(StaticCacheDecoder):
         self._fused = _fuse_projections(self.layers)
 
     def _prefill_inputs(self, request: DecodeRequest) -> Tuple[torch.Tensor, torch.Tensor]:
-        t3_cond = request.t3_cond
-        if self.dtype != torch.float32:
-            t3_cond = t3_cond.to(dtype=self.dtype)
-        inputs = prefill_inputs(self.t3, t3_cond, request.text_tokens, request.params)
+        inputs = prefill_inputs(self.t3, self._t3_cond(request), request.text_tokens, request.params)
         if inputs.size(0) == 1:  # no guidance: the second row repeats the first, weighted 0
             inputs = inputs.expand(2, -1, -1)
         return inputs, slot_params(request.params)

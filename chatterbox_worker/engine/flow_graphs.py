@@ -41,7 +41,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import graph_capture
-from .flow import solve, time_span
+from .flow import flow_solve, solve, time_span
 from .memory import is_out_of_memory
 
 log = logging.getLogger(__name__)
@@ -165,8 +165,7 @@ class FlowGraphs:
 
     def _eager(self, x, mu, mask, spks, cond, steps: int) -> torch.Tensor:
         self.eager += 1
-        t_span = time_span(steps, meanflow=self.meanflow, device=x.device, dtype=mu.dtype)
-        return solve(self.cfm, x, t_span, mu, mask, spks, cond, meanflow=self.meanflow)
+        return flow_solve(self.cfm, x, mu, mask, spks, cond, steps=steps, meanflow=self.meanflow)
 
     def _new_bucket(self, size, steps: int, x, mu, spks) -> _Bucket:
         rows, frames = size

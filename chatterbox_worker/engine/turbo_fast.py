@@ -101,10 +101,8 @@ class TurboFastDecoder(StaticCacheDecoder):
         self.scale = self.head_dim ** -0.5
 
     def _prefill_inputs(self, request: DecodeRequest) -> Tuple[torch.Tensor, torch.Tensor]:
-        t3_cond = request.t3_cond
-        if self.dtype != torch.float32:
-            t3_cond = t3_cond.to(dtype=self.dtype)
-        return prefill_inputs(self.t3, t3_cond, request.text_tokens), turbo_slot_params(request.params)
+        return (prefill_inputs(self.t3, self._t3_cond(request), request.text_tokens),
+                turbo_slot_params(request.params))
 
     def _stops(self, slot: _Slot, token: int, stop: int) -> bool:
         # As upstream: the first token is kept whatever it is (dropped before vocoding if special).
