@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .flow import flow_solve
+from .flow import flow_solve, sync_free_chunk_mask
 from .hift import hift, hift_batch
 
 SPEECH_VOCAB_SIZE = 6561  # ids at or above this are special (start/stop/unused)
@@ -185,25 +185,29 @@ def _encode(encoder, xs: torch.Tensor, lengths: torch.Tensor):
     look-ahead. Upstream feeds it the input layer's output there, which is not zero
     (a LayerNorm's bias), so a shorter row's last tokens looked ahead into it where the
     row alone looks at zeros. Multiplying an unpadded row by its all-ones mask changes
-    nothing, so a row alone is bit for bit upstream's (tested)."""
+    nothing, so a row alone is bit for bit upstream's (tested). Its chunk masks come from
+    ``flow.sync_free_chunk_mask`` (the same masks without a read from the device) where
+    the encoder uses static chunks, as the released one does."""
     from chatterbox.models.s3gen.utils.mask import add_optional_chunk_mask, make_pad_mask
+
+    def chunk_mask(xs, masks, static_chunk_size):
+        if encoder.use_dynamic_chunk:  # random chunks, a training setting: upstream's own
+            return add_optional_chunk_mask(xs, masks, True, encoder.use_dynamic_left_chunk, 0,
+                                           static_chunk_size, -1)
+        return sync_free_chunk_mask(xs, masks, static_chunk_size)
 
     masks = ~make_pad_mask(lengths, xs.size(1)).unsqueeze(1)  # (B, 1, T)
     if encoder.global_cmvn is not None:
         xs = encoder.global_cmvn(xs)
     xs, pos_emb, masks = encoder.embed(xs, masks)
-    chunk_masks = add_optional_chunk_mask(xs, masks, encoder.use_dynamic_chunk,
-                                          encoder.use_dynamic_left_chunk, 0,
-                                          encoder.static_chunk_size, -1)
+    chunk_masks = chunk_mask(xs, masks, encoder.static_chunk_size)
     xs = encoder.pre_lookahead_layer(xs * masks.transpose(1, 2).to(xs.dtype))
     xs = encoder.forward_layers(xs, chunk_masks, pos_emb, masks)
     xs, lengths = encoder.up_layer(xs.transpose(1, 2).contiguous(), lengths)
     xs = xs.transpose(1, 2).contiguous()
     masks = ~make_pad_mask(lengths, xs.size(1)).unsqueeze(1)
     xs, pos_emb, masks = encoder.up_embed(xs, masks)
-    chunk_masks = add_optional_chunk_mask(xs, masks, encoder.use_dynamic_chunk,
-                                          encoder.use_dynamic_left_chunk, 0,
-                                          encoder.static_chunk_size * encoder.up_layer.stride, -1)
+    chunk_masks = chunk_mask(xs, masks, encoder.static_chunk_size * encoder.up_layer.stride)
     xs = encoder.forward_up_layers(xs, chunk_masks, pos_emb, masks)
     if encoder.normalize_before:
         xs = encoder.after_norm(xs)

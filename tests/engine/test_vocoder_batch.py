@@ -24,6 +24,7 @@ from chatterbox_worker.engine.vocoder import (NoiseBank, Prompt, StreamSchedule,
                                               flow_mels, flow_mels_batch, vocode_batch)
 from chatterbox_worker.engine.vocoder_batch import VocoderBatcher
 from chatterbox_worker.tiny_model import synthetic_reference
+from tests.engine.test_flow import HostReads
 
 SCHEDULE = StreamSchedule(chunk_tokens=(4, 8))
 BUDGET = 30
@@ -104,9 +105,12 @@ def test_the_encoder_alone_is_upstreams_bit_for_bit(model, voices):
     encoder = model.s3gen.flow.encoder
     with torch.inference_mode():
         xs = model.s3gen.flow.input_embedding(tokens.long())
-        ours, our_masks = _encode(encoder, xs, lengths)
+        reads = HostReads()
+        with reads:
+            ours, our_masks = _encode(encoder, xs, lengths)
         theirs, their_masks = encoder(xs, lengths)
     assert torch.equal(ours, theirs) and torch.equal(our_masks, their_masks)
+    assert reads.seen == []  # no host read: the host can queue a whole vocoder call
 
 
 def test_a_batch_of_one_is_exactly_flow_mels(model, voices):
