@@ -113,6 +113,18 @@ def test_the_encoder_alone_is_upstreams_bit_for_bit(model, voices):
     assert reads.seen == []  # no host read: the host can queue a whole vocoder call
 
 
+def test_a_whole_vocoder_call_reads_nothing_back_from_the_device(model, voices):
+    """Encoder, flow solve and HiFT, for calls of other lengths together: on a GPU the host
+    queues the whole call and waits only when it copies the audio out."""
+    works = [work(model, voices[0], seed=1, n_tokens=12), work(model, voices[2], seed=2, n_tokens=17)]
+    with torch.inference_mode():
+        reads = HostReads()
+        with reads:
+            vocode_batch(model, works, batch_hift=True)
+            vocode_batch(model, works[:1])
+    assert reads.seen == []
+
+
 def test_a_batch_of_one_is_exactly_flow_mels(model, voices):
     w = work(model, voices[1], seed=3, n_tokens=12)
     assert torch.equal(flow_mels_batch(model, [w])[0], flow_mels(model, w.tokens, w.prompt, w.noise))
