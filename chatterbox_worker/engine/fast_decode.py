@@ -548,21 +548,35 @@ def sampling_probs(cond: torch.Tensor, uncond: torch.Tensor, params: torch.Tenso
     """
     cfg, penalty, temperature, min_p, top_p_drop = params.unbind(1)
     scores = cond + cfg[:, None] * (cond - uncond)
-    penalised = torch.where(scores < 0, scores * penalty[:, None], scores / penalty[:, None])
-    scores = torch.where(seen, penalised, scores)
+    scores = penalise_repeats(scores, penalty, seen)
     scores = scores / temperature[:, None]
     # min-p: drop tokens less likely than min_p times the likeliest.
     probs = torch.softmax(scores, dim=-1)
     floor = min_p[:, None] * probs.amax(dim=-1, keepdim=True)
     scores = scores.masked_fill(probs < floor, float("-inf"))
     if top_p:
-        # Drop the least likely tokens whose mass stays within 1 - top_p (keep at least one).
-        ordered, order = torch.sort(scores, descending=False)
-        cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
-        drop = cumulative <= top_p_drop[:, None]
-        drop[:, -1] = False
-        scores = scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+        scores = cut_top_p(scores, top_p_drop)
     return torch.softmax(scores, dim=-1)
+
+
+def cut_top_p(scores: torch.Tensor, drop_mass: torch.Tensor,
+              applies: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """HF's top-p warper per row: drop the least likely tokens whose mass stays within
+    ``drop_mass`` (1 - top_p), keeping at least one; only on the rows ``applies`` marks."""
+    ordered, order = torch.sort(scores, descending=False)
+    cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
+    drop = cumulative <= drop_mass[:, None]
+    if applies is not None:
+        drop &= applies[:, None]
+    drop[:, -1] = False
+    return scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+
+
+def penalise_repeats(scores: torch.Tensor, penalty: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+    """HF's repetition penalty per row on the tokens ``seen``: negative scores times it,
+    others divided by it."""
+    penalised = torch.where(scores < 0, scores * penalty[:, None], scores / penalty[:, None])
+    return torch.where(seen, penalised, scores)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -622,4 +636,4 @@ def _layer_kv(cache, layer: int):
 
 
 __all__ = ["DEFAULT_MAX_LEN", "FastDecoder", "OutOfMemory", "StaticCacheDecoder", "counter_uniform",
-           "sampling_probs", "slot_params"]
+           "cut_top_p", "penalise_repeats", "sampling_probs", "slot_params"]

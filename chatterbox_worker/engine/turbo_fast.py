@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from .batch_decode import DecodeRequest
 from .decode import SamplingParams
-from .fast_decode import StaticCacheDecoder, _Slot, counter_uniform
+from .fast_decode import StaticCacheDecoder, _Slot, counter_uniform, cut_top_p, penalise_repeats
 from .turbo import prefill_inputs
 
 # Turbo's prompt is longer than the original's (a 375-token voice prompt), its
@@ -63,16 +63,9 @@ def turbo_sampling_probs(logits: torch.Tensor, params: torch.Tensor, seen: torch
         kth = torch.sort(scores, descending=True).values.gather(
             1, (k.long().clamp(min=1, max=scores.size(1)) - 1)[:, None])
         scores = scores.masked_fill((scores < kth) & (k > 0)[:, None], float("-inf"))
-    if top_p:
-        # Drop the least likely tokens whose mass stays within 1 - top_p (keep at least one).
-        ordered, order = torch.sort(scores, descending=False)
-        cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
-        drop = (cumulative <= top_p_drop[:, None]) & (top_p_drop > 0)[:, None]  # top_p < 1
-        drop[:, -1] = False
-        scores = scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    penalised = torch.where(scores < 0, scores * penalty[:, None], scores / penalty[:, None])
-    scores = torch.where(seen, penalised, scores)
-    return torch.softmax(scores, dim=-1)
+    if top_p:  # on the rows with top_p < 1, as TurboSampler adds the warper only there
+        scores = cut_top_p(scores, top_p_drop, applies=top_p_drop > 0)
+    return torch.softmax(penalise_repeats(scores, penalty, seen), dim=-1)
 
 
 class TurboFastDecoder(StaticCacheDecoder):
