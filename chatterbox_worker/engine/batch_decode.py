@@ -17,11 +17,11 @@ beside it. How that is kept, and what it costs:
 - Per-request matrix products. CPU BLAS (MKL here) picks its kernel by the
   number of rows: one row (gemv), two or three, and four or more each sum in
   another order, so a row's result changes in the last bits with the rows
-  beside it. ``exact=True`` (the default) runs each projection as one batched
-  product (``bmm``) of per-request blocks of 1 or 2 rows, which reproduces the
-  single-request kernels bit for bit. ``exact=False`` runs one product over all
-  rows (weights read once per step): faster at large batches, but tokens may
-  part from the single-request loop where a draw falls within rounding.
+  beside it. So each projection runs as one batched product (``bmm``) of
+  per-request blocks of 1 or 2 rows, which reproduces the single-request
+  kernels bit for bit (weights are still read once per step). Where
+  exactness is not promised (bf16, int8, CUDA) the engine uses
+  ``fast_decode.FastDecoder`` instead.
 - Sampling runs per request with the single-request code (``RowSampler``):
   same guidance mix, same logits processors in the same order, one
   ``torch.multinomial`` draw from the request's own generator.
@@ -38,7 +38,6 @@ from dataclasses import dataclass
 from typing import Dict, List, NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
@@ -88,9 +87,8 @@ class RequestBook:
 
     sequence: type
 
-    def __init__(self, t3, *, exact: bool = True):
+    def __init__(self, t3):
         self.t3 = t3
-        self.exact = exact
         self._joining: list = []
         self._running: list = []
         self._by_request: Dict[DecodeRequest, object] = {}
@@ -141,10 +139,10 @@ class BatchDecoder(RequestBook):
 
     sequence = _Sequence
 
-    def __init__(self, t3, *, exact: bool = True):
+    def __init__(self, t3):
         if getattr(t3, "is_gpt", False):
             raise ValueError("BatchDecoder supports T3's Llama backbone only")
-        super().__init__(t3, exact=exact)
+        super().__init__(t3)
 
     @torch.inference_mode()
     def step(self) -> List[StepEvent]:
@@ -257,15 +255,13 @@ class BatchDecoder(RequestBook):
             seq.pending = None
 
     def _linear(self, x: torch.Tensor, linear: torch.nn.Linear, groups) -> torch.Tensor:
-        """``linear(x)`` over all rows; with ``exact``, each request's block as if alone.
+        """``linear(x)`` over all rows, each request's block as if alone.
 
         ``groups`` lists runs of requests with equally many rows as
         ``[first row, requests, rows each]``.
         """
         if linear.bias is not None:
             raise ValueError("projections with a bias are not supported (T3's Llama has none)")
-        if not self.exact:
-            return F.linear(x, linear.weight)
         flat = x.reshape(-1, x.shape[-1])
         weight = linear.weight.t()
         parts = []

@@ -11,13 +11,11 @@ same way:
   and attention runs per request on its own cache with the mask HF's
   ``GPT2Model`` would build for it alone.
 - Per-request products: GPT-2's ``Conv1D`` is ``addmm(bias, x, W)``; CPU
-  BLAS sums one row in another order than several, so with ``exact=True``
-  each request's row is its own block of one ``baddbmm`` (which reproduces
-  the one-row ``addmm`` bit for bit, weights read once per step).
-  ``exact=False`` runs one ``addmm`` over all rows (faster, tokens may part
-  from the single-request loop where a draw falls within rounding; the
-  engine's GPU path is ``turbo_fast.TurboFastDecoder``). The speech head
-  runs per request, as alone.
+  BLAS sums one row in another order than several, so each request's row is
+  its own block of one ``baddbmm`` (which reproduces the one-row ``addmm``
+  bit for bit, weights read once per step). Where exactness is not promised
+  (bf16, CUDA) the engine uses ``turbo_fast.TurboFastDecoder`` instead. The
+  speech head runs per request, as alone.
 - Sampling runs per request with the single-request code (``TurboSampler``).
 
 Checked bit for bit in float32 on CPU with one thread on the tiny Turbo
@@ -53,10 +51,10 @@ class TurboBatchDecoder(RequestBook):
 
     sequence = _Sequence
 
-    def __init__(self, t3, *, exact: bool = True):
+    def __init__(self, t3):
         if not getattr(t3, "is_gpt", False):
             raise ValueError("TurboBatchDecoder supports T3's GPT-2 backbone only")
-        super().__init__(t3, exact=exact)
+        super().__init__(t3)
 
     @torch.inference_mode()
     def step(self) -> List[StepEvent]:
@@ -140,11 +138,9 @@ class TurboBatchDecoder(RequestBook):
             seq.pending = None
 
     def _conv1d(self, x: torch.Tensor, conv) -> torch.Tensor:
-        """GPT-2's ``Conv1D`` (``addmm(bias, x, W)``) over (n, 1, in) rows; with ``exact`` each
-        row as its own block, as if alone."""
+        """GPT-2's ``Conv1D`` (``addmm(bias, x, W)``) over (n, 1, in) rows, each row as its own
+        block, as if alone."""
         n = x.shape[0]
-        if not self.exact:
-            return torch.addmm(conv.bias, x.reshape(n, -1), conv.weight).view(n, 1, -1)
         weight = conv.weight
         return torch.baddbmm(conv.bias, x.reshape(n, 1, -1),
                              weight.expand(n, *weight.shape)).view(n, 1, -1)
