@@ -46,6 +46,7 @@ import argparse
 import asyncio
 import atexit
 import base64
+import contextlib
 import datetime
 import hashlib
 import json
@@ -58,6 +59,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import types
 import textwrap
 import threading
 import time
@@ -232,6 +234,29 @@ class Side:
                                        "seconds_left": left})
         self.emit()
 
+    def repetitions(self, count: int, label: str, estimate_s: Optional[float] = None):
+        """0, 1, ... ``count - 1`` while each repetition is expected to fit in the time left:
+        the first's estimate is ``estimate_s`` (None: unknown, run it), each later one's the
+        previous repetition's seconds x 1.2. The first that would not fit is reported skipped
+        (``label repetition i/count``) and ends the loop."""
+        for i in range(count):
+            if not self.fits(estimate_s):
+                self.skip(f"{label} repetition {i + 1}/{count}", estimate_s)
+                return
+            t0 = time.perf_counter()
+            yield i
+            estimate_s = (time.perf_counter() - t0) * 1.2
+
+    @contextlib.contextmanager
+    def stopwatch(self):
+        """Times its block, the device's queue drained at both ends: ``watch.seconds``."""
+        watch = types.SimpleNamespace(seconds=None)
+        self.sync()
+        t0 = time.perf_counter()
+        yield watch
+        self.sync()
+        watch.seconds = time.perf_counter() - t0
+
 
 def shared_voice(work: Path, engine, device: str):
     """The bench voice (10 s synthetic reference, seed 1), identical on every side.
@@ -364,22 +389,14 @@ def side_upstream(args, side: Side) -> None:
 
     # Sequential generate: K jobs of the same work, distinct seeds.
     jobs = []
-    estimate = None
-    for i in range(args.upstream_jobs):
-        if not side.fits(estimate):
-            side.skip(f"upstream generate job {i + 1}/{args.upstream_jobs}", estimate)
-            break
+    for i in side.repetitions(args.upstream_jobs, "upstream generate"):
         side.row_gpu_start()
         torch.manual_seed(SEED + i)
-        side.sync()
-        t0 = time.perf_counter()
-        wav = tts.generate(TEXT)
-        side.sync()
-        took = time.perf_counter() - t0
+        with side.stopwatch() as watch:
+            wav = tts.generate(TEXT)
         audio_s = wav.shape[-1] / SAMPLE_RATE
-        jobs.append({"seed": SEED + i, "wall_s": round(took, 4), "audio_s": round(audio_s, 4),
+        jobs.append({"seed": SEED + i, "wall_s": round(watch.seconds, 4), "audio_s": round(audio_s, 4),
                      "peak_gpu_mb": side.row_gpu_peak()})
-        estimate = took * 1.2
         total_wall = sum(j["wall_s"] for j in jobs)
         total_audio = sum(j["audio_s"] for j in jobs)
         side.result["generate"] = {"jobs": jobs, "wall_s": round(total_wall, 4),

@@ -247,25 +247,18 @@ def side_upstream(args, side: Side) -> None:
     side.sync()
     cap["tokens"] = n
     reps = []
-    estimate = None
-    for i in range(args.repeats):
-        if not side.fits(estimate):
-            side.skip(f"{variant} upstream generate repetition {i + 1}/{args.repeats}", estimate)
-            break
+    for i in side.repetitions(args.repeats, f"{variant} upstream generate"):
         calls.clear()
         torch.manual_seed(SEED + i)
-        side.sync()
-        t0 = time.perf_counter()
-        wav = generate(TEXT)
-        side.sync()
-        total = time.perf_counter() - t0
+        with side.stopwatch() as watch:
+            wav = generate(TEXT)
+        total = watch.seconds
         [call] = calls
         audio_s = wav.shape[-1] / SAMPLE_RATE
         reps.append({"seed": SEED + i, "total_s": round(total, 4), "audio_s": round(audio_s, 4),
                      "t3_s": round(call["seconds"], 4), "tokens": call["tokens"],
                      "ms_per_token": 1000 * call["seconds"] / max(call["tokens"], 1),
                      "rtf": total / audio_s})
-        estimate = total * 1.2
         out["reps"] = reps
         side.memory(f"upstream repetition {i + 1}")
         side.emit()
@@ -352,17 +345,11 @@ def side_ours(args, side: Side) -> None:
     first_chunk(request("Warm up.", 0), WARM_TOKENS)
 
     reps = []
-    estimate = None
-    for i in range(args.repeats):
-        if not side.fits(estimate):
-            side.skip(f"{variant} ours one-shot repetition {i + 1}/{args.repeats}", estimate)
-            break
+    for i in side.repetitions(args.repeats, f"{variant} ours one-shot"):
         decodes.clear()
-        side.sync()
-        t0 = time.perf_counter()
-        take = engine.synthesize(request(TEXT, SEED + i), max_tokens=n)
-        side.sync()
-        total = time.perf_counter() - t0
+        with side.stopwatch() as watch:
+            take = engine.synthesize(request(TEXT, SEED + i), max_tokens=n)
+        total = watch.seconds
         [decode] = decodes
         audio_s = len(take.audio) / SAMPLE_RATE
         reps.append({"seed": SEED + i, "total_s": round(total, 4), "audio_s": round(audio_s, 4),
@@ -370,7 +357,6 @@ def side_ours(args, side: Side) -> None:
                      "audio_tokens": take.audio_tokens,
                      "ms_per_token": 1000 * decode["seconds"] / max(decode["tokens"], 1),
                      "rtf": total / audio_s})
-        estimate = total * 1.2
         out["one_shot_reps"] = reps
         side.memory(f"ours one-shot repetition {i + 1}")
         side.emit()
@@ -379,14 +365,10 @@ def side_ours(args, side: Side) -> None:
 
     streams = []
     estimate = None if not reps else out["total_s"] * (1.2 if args.stream_total else 0.6)
-    for i in range(args.repeats):
-        if not side.fits(estimate):
-            side.skip(f"{variant} ours streamed repetition {i + 1}/{args.repeats}", estimate)
-            break
+    for i in side.repetitions(args.repeats, f"{variant} ours streamed", estimate):
         ttfa, chunk_s, total = first_chunk(request(TEXT, SEED + i), n)
         streams.append({"seed": SEED + i, "ttfa_s": round(ttfa, 4), "first_chunk_audio_s": round(chunk_s, 4),
                         "total_s": None if total is None else round(total, 4)})
-        estimate = (total or ttfa) * 1.2
         out["stream_reps"] = streams
         side.memory(f"ours streamed repetition {i + 1}")
         side.emit()
