@@ -5,10 +5,12 @@ from __future__ import annotations
 import base64
 import io
 import json
+import socket
 import threading
 import time
 
 import httpx
+import numpy as np
 import pytest
 import soundfile
 
@@ -138,6 +140,22 @@ def test_a_body_that_is_not_json_is_400(client):
     response = client.post("/tts/generate", content=b"{nope",
                            headers={"Content-Type": "application/json"})
     assert response.status_code == 400 and response.json()["code"] == "invalid_input"
+
+
+def test_deeply_nested_json_is_400_not_a_crash(client):
+    """Thousands of nested brackets exhaust json's parser stack (RecursionError)."""
+    nested = b'{"text": "hi", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    for path in ("/tts/generate", "/v1/audio/speech"):
+        response = client.post(path, content=nested, headers={"Content-Type": "application/json"})
+        assert response.status_code == 400, path
+        assert response.json()["code"] == "invalid_input"
+
+
+def test_a_null_action_means_generate_as_in_the_job_contract(client):
+    response = client.post("/tts/generate", json={"text": "hi", "action": None, "seed": 1})
+    assert response.status_code == 200 and response.content[:4] == b"RIFF"
+    response = client.post("/tts/generate", json={"text": "hi", "action": "list_voices"})
+    assert response.status_code == 400 and "only generates" in response.json()["detail"]
 
 
 def test_a_body_over_the_limit_is_413_before_it_is_read(client):
@@ -340,6 +358,15 @@ def test_openai_refusals_are_400(openai_client, kwargs, fragment):
     assert fragment in str(caught.value)
 
 
+@pytest.mark.parametrize("field,value", [("response_format", ["mp3"]),
+                                         ("stream_format", {"sse": True})])
+def test_openai_fields_of_the_wrong_type_are_400(client, field, value):
+    body = {"model": "tts-1", "input": "Hello.", "voice": "alloy", field: value}
+    response = client.post("/v1/audio/speech", json=body)
+    assert response.status_code == 400 and response.json()["code"] == "invalid_input"
+    assert field in response.json()["error"]["message"]
+
+
 def test_openai_unknown_voice_is_404(openai_client):
     import openai
 
@@ -393,6 +420,25 @@ def test_websocket_streams_chunks_then_the_result(served, client):
         error = json.loads(ws.recv(timeout=30))
         assert error == {"type": "error", "code": "voice_not_found",
                          "detail": "Voice 'ghost' not found."}
+
+
+def test_websocket_takes_json_in_a_binary_frame_and_refuses_what_is_not_json(served):
+    from websockets.sync.client import connect
+
+    url = served.url.replace("http://", "ws://") + "/tts/stream"
+    with connect(url, additional_headers=AUTH) as ws:
+        ws.send(json.dumps({"text": "hi", "seed": 5}).encode())
+        messages = []
+        while not isinstance(messages[-1] if messages else None, str):
+            messages.append(ws.recv(timeout=120))
+        assert json.loads(messages[-1])["type"] == "result" and len(messages) > 1
+    for junk in (b"\xff\xfe not json", b"[" * 100_000 + b"]" * 100_000, "[1, 2]"):
+        with connect(url, additional_headers=AUTH, max_size=None) as ws:
+            ws.send(junk)
+            assert json.loads(ws.recv(timeout=30))["code"] == "invalid_input"
+            with pytest.raises(Exception):  # then closed, policy violation
+                ws.recv(timeout=30)
+            assert ws.close_code == 1008
 
 
 # -- load -----------------------------------------------------------------------
@@ -562,3 +608,72 @@ def test_a_websocket_that_goes_away_frees_the_engine(served, held_after_first_ch
     held_after_first_chunk.set()
     served.wait_idle()
     assert any("action=ws_stream" in m and "outcome=cancelled" in m for m in caplog.messages)
+
+
+@pytest.fixture
+def endless_after_first_chunk(engine, monkeypatch):
+    """Streams whose text starts with "Endless" go on, after their real first chunk, with
+    10 s chunks of noise for far longer than any socket buffers hold (480 kB each as pcm)."""
+    original = engine.stream
+    noise = np.random.default_rng(0).uniform(-0.5, 0.5, 24000 * 10).astype(np.float32)
+
+    def endless(request, **kwargs):
+        chunks = original(request, **kwargs)
+        yield next(chunks)
+        if not request.text.startswith("Endless"):
+            yield from chunks
+            return
+        chunks.close()
+        for _ in range(1000):
+            yield noise
+
+    monkeypatch.setattr(engine, "stream", endless)
+
+
+@pytest.fixture
+def deadline_app(engine, settings_env, tmp_path):
+    """One slot, REQUEST_TIMEOUT_S of 3 s."""
+    app = ServedApp({**settings_env, "VOICES_DIR": str(tmp_path), "MAX_CONCURRENCY": "1",
+                     "REQUEST_TIMEOUT_S": "3"}, service_loader(engine))
+    app.wait_ready()
+    yield app
+    app.stop()
+
+
+def test_a_client_that_stops_reading_loses_its_slot_at_the_deadline(
+        deadline_app, endless_after_first_chunk, caplog):
+    """It reads the status line and then nothing: the server's sends wait on its full socket.
+    At REQUEST_TIMEOUT_S the synthesis stops and the slot is free for the next request, while
+    that client is still connected."""
+    caplog.set_level("INFO", logger="chatterbox_worker.server")
+    body = json.dumps({"text": "Endless narration.", "format": "pcm_s16le"}).encode()
+    stalled = socket.socket()
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.connect(("127.0.0.1", deadline_app.port))
+    try:
+        stalled.sendall(b"POST /tts/generate HTTP/1.1\r\nHost: test\r\n"
+                        b"Content-Type: application/json\r\n"
+                        b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        assert stalled.recv(64).startswith(b"HTTP/1.1 200 ")
+        deadline_app.wait_idle(timeout=60)  # before the fix: held until the client left
+        assert any("outcome=timeout" in m for m in caplog.messages)
+        with httpx.Client(base_url=deadline_app.url, timeout=60) as c:
+            assert c.post("/tts/generate", json={"text": "Next.", "seed": 1}).status_code == 200
+    finally:
+        stalled.close()
+
+
+def test_a_websocket_that_stops_reading_loses_its_slot_at_the_deadline(
+        deadline_app, endless_after_first_chunk, caplog):
+    from websockets.sync.client import connect
+
+    caplog.set_level("INFO", logger="chatterbox_worker.server")
+    url = deadline_app.url.replace("http://", "ws://") + "/tts/stream"
+    # max_queue=1: the client stops reading its socket once one frame waits unread.
+    with connect(url, max_queue=1, max_size=None) as ws:
+        ws.send(json.dumps({"text": "Endless narration.", "format": "pcm_s16le"}))
+        assert isinstance(ws.recv(timeout=60), bytes)
+        deadline_app.wait_idle(timeout=60)
+        assert any("action=ws_stream" in m and "outcome=timeout" in m for m in caplog.messages)
+        with httpx.Client(base_url=deadline_app.url, timeout=60) as c:
+            assert c.post("/tts/generate", json={"text": "Next.", "seed": 1}).status_code == 200

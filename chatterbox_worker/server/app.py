@@ -57,6 +57,12 @@ class RequestTimeout(Exception):
     """The request ran past ``REQUEST_TIMEOUT_S`` before its first bytes."""
 
 
+class StreamAborted(Exception):
+    """A response that had begun stops early (a failure or its deadline, already logged under
+    the request id). ``Gate`` drops the connection without the final chunk, so the client
+    sees an incomplete transfer; no second traceback is logged."""
+
+
 class Slots:
     """At most ``running`` syntheses at once and ``queue`` more waiting; beyond that ``Busy``.
 
@@ -259,6 +265,10 @@ class Gate:
         except BodyTooLarge:
             if not started:
                 await self._too_large(scope, send, limit, rid)
+        except StreamAborted:
+            if not started:  # cannot happen (it is raised after the first bytes); be loud if so
+                raise
+            # Returning without the final chunk makes the server close the connection.
 
     async def _too_large(self, scope, send, limit, rid):
         body = {"detail": f"the request body is larger than {limit} bytes",

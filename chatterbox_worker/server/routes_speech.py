@@ -6,7 +6,8 @@ encoded, with chunked transfer. Problems found before that (a bad field, an
 unknown voice, a full queue) are proper HTTP errors; a failure after it ends
 the response without its final chunk, so the client sees an incomplete
 transfer, and is logged under the request id. A client that goes away
-cancels its synthesis.
+cancels its synthesis; one that stops reading holds its slot no longer than
+``REQUEST_TIMEOUT_S`` (every send has the request's deadline too).
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from ..audio import CONTENT_TYPES
 from ..errors import InvalidInput, VoiceNotFound, WorkerError, excerpt
 from ..schemas import GenerateRequest, is_voice_id, parse_request
 from ..service import JobSummary, Service
-from .app import (STATUS, Busy, RequestTimeout, Slot, State, check_key, key_from_headers,
-                  request_id, require_key, require_key_or_bearer)
+from .app import (STATUS, Busy, RequestTimeout, Slot, State, StreamAborted, check_key,
+                  key_from_headers, request_id, require_key, require_key_or_bearer)
 from .streaming import LiveStream
 
 log = logging.getLogger("chatterbox_worker.server")
@@ -43,17 +44,25 @@ OPENAI_CONTENT_TYPES = {"mp3": "audio/mpeg", "opus": "audio/ogg", "aac": "audio/
 # Chatterbox's own generate fields the OpenAI route also takes (extra_body in OpenAI's clients).
 SPEECH_EXTRAS = ("seed", "exaggeration", "cfg_weight", "temperature", "top_p", "top_k", "min_p",
                  "repetition_penalty", "language")
+# How long a WebSocket's closing error message may take to go out: its client may not be reading.
+WS_FAIL_TIMEOUT_S = 5.0
 
 
-async def json_body(request: Request) -> dict:
-    raw = await request.body()
+def parse_json_object(raw) -> dict:
+    """A request body (or WebSocket message) as a JSON object, else ``InvalidInput``.
+
+    ``RecursionError``: a body of thousands of nested brackets exhausts the parser's stack."""
     try:
         data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise InvalidInput("the request body must be a JSON object") from None
     if not isinstance(data, dict):
         raise InvalidInput("the request body must be a JSON object")
     return data
+
+
+async def json_body(request: Request) -> dict:
+    return parse_json_object(await request.body())
 
 
 def strip_pth(voice_id):
@@ -66,8 +75,8 @@ def strip_pth(voice_id):
 def parse_generate(data: dict, max_text_chars: int) -> GenerateRequest:
     """The generate fields of the job contract; the audio is always the response itself."""
     data = dict(data)
-    action = data.pop("action", "generate")
-    if action != "generate":
+    action = data.pop("action", None)
+    if action not in (None, "generate"):  # absent or null means generate, as in the job contract
         raise InvalidInput(f"action: this route only generates (got '{excerpt(action, 40)}')")
     if data.get("output", "auto") != "auto":
         raise InvalidInput("output: over HTTP the audio is the response body; 'inline' and 's3' "
@@ -124,10 +133,16 @@ async def next_in_time(live: LiveStream) -> Optional[bytes]:
     return await asyncio.wait_for(live.next(), max(remaining, 0))
 
 
+def deadline_or_none(deadline: float) -> Optional[float]:
+    return None if deadline == float("inf") else deadline
+
+
 async def audio_body(live: LiveStream, first: Optional[bytes], slot: Slot, rid: str,
                      frame: Callable[[bytes], bytes] = lambda data: data,
                      end: Optional[Callable[[dict], bytes]] = None):
-    """The response body: the first bytes, then each chunk as it is made."""
+    """The response body: the first bytes, then each chunk as it is made.
+
+    A failure after the first bytes is logged here and raised as ``StreamAborted``."""
     loop = asyncio.get_running_loop()
     outcome = "ok"
     try:
@@ -138,22 +153,56 @@ async def audio_body(live: LiveStream, first: Optional[bytes], slot: Slot, rid: 
         if end is not None:
             yield end(live.stream.result())
     except (asyncio.CancelledError, GeneratorExit):
-        outcome = "cancelled"
+        # Closed by AudioResponse when its client stopped reading past the deadline, or
+        # cancelled because the client went away.
+        outcome = "timeout" if loop.time() >= live.deadline else "cancelled"
         raise
     except TimeoutError:
         outcome = "timeout"
         log.error("request=%s stopped at REQUEST_TIMEOUT_S after its first bytes", rid)
-        raise
+        raise StreamAborted() from None
     except WorkerError as exc:
         outcome = exc.code
         log.error("request=%s failed after its first bytes: %s: %s", rid, exc.code, exc.message)
-        raise
+        raise StreamAborted() from None
     except Exception:
         outcome = "internal_error"
         log.exception("request=%s failed after its first bytes", rid)
-        raise
+        raise StreamAborted() from None
     finally:
         live.close(outcome, then=lambda: loop.call_soon_threadsafe(slot.release))
+
+
+class _SendTimeout(Exception):
+    pass
+
+
+class AudioResponse(StreamingResponse):
+    """``audio_body`` as a response whose every send must finish by the request's deadline.
+
+    The server's send waits while the client's socket is full, so a client that stops
+    reading would otherwise keep its synthesis (and its slot) for as long as it likes."""
+
+    def __init__(self, live: LiveStream, content, rid: str, **kwargs):
+        super().__init__(content, **kwargs)
+        self._live = live
+        self._rid = rid
+
+    async def stream_response(self, send) -> None:
+        async def send_in_time(message) -> None:
+            try:
+                async with asyncio.timeout_at(deadline_or_none(self._live.deadline)):
+                    await send(message)
+            except TimeoutError:
+                raise _SendTimeout() from None
+
+        try:
+            await super().stream_response(send_in_time)
+        except _SendTimeout:
+            log.error("request=%s stopped at REQUEST_TIMEOUT_S: its client stopped reading",
+                      self._rid)
+            await self.body_iterator.aclose()  # stops the synthesis, frees the slot
+            raise StreamAborted() from None
 
 
 @router.post("/tts/generate", dependencies=[Depends(require_key)])
@@ -163,9 +212,9 @@ async def generate(request: Request):
     generate = parse_generate(await json_body(request), core.settings.max_text_chars)
     rid = request_id(request)
     live, first, slot = await start_stream(core, service, generate, rid, "generate")
-    return StreamingResponse(audio_body(live, first, slot, rid),
-                             media_type=CONTENT_TYPES[generate.format],
-                             headers={"X-Seed": str(live.stream.seed)})
+    return AudioResponse(live, audio_body(live, first, slot, rid), rid,
+                         media_type=CONTENT_TYPES[generate.format],
+                         headers={"X-Seed": str(live.stream.seed)})
 
 
 # -- OpenAI ---------------------------------------------------------------------
@@ -201,7 +250,7 @@ def openai_request(data: dict, service: Service, max_text_chars: int
         raise InvalidInput(f"model: '{excerpt(model, 40)}' is not served; use one of "
                            f"{', '.join(OPENAI_MODELS)} or {served}")
     response_format = data.get("response_format", "mp3")
-    if response_format not in OPENAI_FORMATS:
+    if not isinstance(response_format, str) or response_format not in OPENAI_FORMATS:
         raise InvalidInput(f"response_format: '{excerpt(response_format, 20)}' is not one of "
                            f"{', '.join(OPENAI_FORMATS)}")
     speed = data.get("speed", 1.0)
@@ -210,7 +259,7 @@ def openai_request(data: dict, service: Service, max_text_chars: int
     if speed != 1.0:
         raise InvalidInput("speed: only 1.0 is supported (no pitch-preserving time stretch)")
     stream_format = data.get("stream_format", "audio")
-    if stream_format not in ("audio", "sse"):
+    if not isinstance(stream_format, str) or stream_format not in ("audio", "sse"):
         raise InvalidInput("stream_format: must be 'audio' or 'sse'")
     if not isinstance(data.get("input"), str):
         raise InvalidInput("input: must be a string")
@@ -250,8 +299,8 @@ async def speech(request: Request):
     except WorkerError as exc:
         return openai_error(exc, rid)
     if not sse:
-        return StreamingResponse(audio_body(live, first, slot, rid),
-                                 media_type=OPENAI_CONTENT_TYPES[response_format])
+        return AudioResponse(live, audio_body(live, first, slot, rid), rid,
+                             media_type=OPENAI_CONTENT_TYPES[response_format])
     characters = len(generate.text)
 
     def delta(data: bytes) -> bytes:
@@ -265,9 +314,8 @@ async def speech(request: Request):
                           "usage": {"input_tokens": characters, "output_tokens": output_tokens,
                                     "total_tokens": characters + output_tokens}})
 
-    return StreamingResponse(audio_body(live, first, slot, rid, frame=delta, end=done),
-                             media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache"})
+    return AudioResponse(live, audio_body(live, first, slot, rid, frame=delta, end=done), rid,
+                         media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 @router.get("/v1/audio/voices", dependencies=[Depends(require_key_or_bearer)])
@@ -285,27 +333,47 @@ async def openai_voices(request: Request):
 
 
 async def _ws_fail(websocket: WebSocket, code: str, detail: str, close_code: int) -> None:
-    await websocket.send_json({"type": "error", "code": code, "detail": detail})
-    await websocket.close(close_code)
+    """The error message, then the close; given up after ``WS_FAIL_TIMEOUT_S``, since a client
+    that stopped reading would never take them."""
+    try:
+        async with asyncio.timeout(WS_FAIL_TIMEOUT_S):
+            await websocket.send_json({"type": "error", "code": code, "detail": detail})
+            await websocket.close(close_code)
+    except (TimeoutError, WebSocketDisconnect, OSError):
+        pass
+
+
+async def _ws_request(websocket: WebSocket, timeout_s: float) -> Optional[dict]:
+    """The first message as a JSON object (a text frame, or UTF-8 in a binary one); ``None``
+    when the client left or sent nothing in time."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            message = await websocket.receive()
+    except (TimeoutError, WebSocketDisconnect):
+        return None
+    if message["type"] != "websocket.receive":
+        return None
+    raw = message.get("text")
+    return parse_json_object(raw if raw is not None else message.get("bytes") or b"")
 
 
 @router.websocket("/tts/stream")
 async def ws_stream(websocket: WebSocket):
     """One JSON generate request in (``api_key`` may ride in it), binary audio chunks out,
-    then one JSON ``result`` message (or one ``error`` message)."""
+    then one JSON ``result`` message (or one ``error`` message).
+
+    Every send has the request's deadline: a client that stops reading does not keep its
+    slot past ``REQUEST_TIMEOUT_S``."""
     core: State = websocket.app.state.core
     rid = websocket.scope.get("state", {}).get("request_id", "-")
     await websocket.accept()
     try:
-        raw = await websocket.receive_text()
-    except WebSocketDisconnect:
-        return
-    try:
-        message = json.loads(raw)
-        if not isinstance(message, dict):
-            raise ValueError
-    except ValueError:
+        message = await _ws_request(websocket, core.settings.request_timeout_s)
+    except InvalidInput:
         return await _ws_fail(websocket, "invalid_input", "send one JSON object", 1008)
+    if message is None:
+        return await _ws_fail(websocket, "timeout", "no request arrived within "
+                              "REQUEST_TIMEOUT_S", 1008)
     key = message.pop("api_key", None) or key_from_headers(websocket.headers, bearer=False)
     if not check_key(core.settings, key if isinstance(key, str) else None):
         return await _ws_fail(websocket, "unauthorized", "missing or wrong API key", 1008)
@@ -322,7 +390,9 @@ async def ws_stream(websocket: WebSocket):
         return await _ws_fail(websocket, "timeout", "the request took longer than "
                               "REQUEST_TIMEOUT_S", 1011)
     loop = asyncio.get_running_loop()
+    deadline = deadline_or_none(live.deadline)
     outcome = "ok"
+    failure: Optional[Tuple[str, str, int]] = None
     chunks = 0
     # Reads what the client sends while audio goes out: its close stops the synthesis at
     # once, instead of at the next chunk the server fails to send.
@@ -330,7 +400,8 @@ async def ws_stream(websocket: WebSocket):
     try:
         data = first
         while data is not None:
-            await websocket.send_bytes(data)
+            async with asyncio.timeout_at(deadline):
+                await websocket.send_bytes(data)
             chunks += 1
             step = asyncio.ensure_future(next_in_time(live))
             while not step.done():
@@ -341,21 +412,26 @@ async def ws_stream(websocket: WebSocket):
                         raise WebSocketDisconnect()
                     watcher = asyncio.ensure_future(websocket.receive())  # ignored
             data = step.result()
-        await websocket.send_json(live.stream.result(chunks=chunks))
-        await websocket.close(1000)
+        async with asyncio.timeout_at(deadline):
+            await websocket.send_json(live.stream.result(chunks=chunks))
+            await websocket.close(1000)
     except (WebSocketDisconnect, asyncio.CancelledError, OSError):
-        outcome = "cancelled"
+        # A send cut off at the deadline may surface as the connection's failure instead.
+        outcome = "timeout" if loop.time() >= live.deadline else "cancelled"
     except TimeoutError:
         outcome = "timeout"
-        await _ws_fail(websocket, "timeout", "the request took longer than REQUEST_TIMEOUT_S", 1011)
+        failure = ("timeout", "the request took longer than REQUEST_TIMEOUT_S", 1011)
     except WorkerError as exc:
         outcome = exc.code
-        await _ws_fail(websocket, exc.code, exc.message, 1011)
+        failure = (exc.code, exc.message, 1011)
     except Exception:
         outcome = "internal_error"
         log.exception("request=%s failed", rid)
-        await _ws_fail(websocket, "internal_error", "the request failed unexpectedly; the server "
-                       "logged the details under this request id", 1011)
+        failure = ("internal_error", "the request failed unexpectedly; the server logged the "
+                   "details under this request id", 1011)
     finally:
         watcher.cancel()
+        # The slot goes first: telling the client may take up to WS_FAIL_TIMEOUT_S.
         live.close(outcome, then=lambda: loop.call_soon_threadsafe(slot.release))
+    if failure is not None:
+        await _ws_fail(websocket, *failure)
