@@ -133,6 +133,9 @@ def _check_rate(rate: Optional[int], label: str) -> None:
 
 def _check_stream(codec_context, codecs, container_name: str, label: str) -> None:
     """Refuse an unexpected codec or an implausible header before decoding a sample."""
+    if codec_context is None:  # a header naming no codec FFmpeg has (a WAV of 0 or 33 bits)
+        raise InvalidAudio(f"{label} is {container_name} with a codec no decoder knows; "
+                           f"accepted: {', '.join(sorted(codecs))}")
     if codec_context.name not in codecs:
         raise InvalidAudio(f"{label} is {container_name} with codec '{excerpt(codec_context.name, 40)}'; "
                            f"accepted: {', '.join(sorted(codecs))}")

@@ -108,11 +108,12 @@ class VoiceLibrary:
 
     def _store(self, voice_id: str, data: bytes, *, overwrite: bool) -> dict:
         # Whatever goes to the volume passes the checks every later load makes:
-        # nothing is written that the worker would then refuse to read (and the
-        # parse is cached, so the metadata below costs no second one).
-        self.store.validated(voice_id, data)
+        # nothing is written that the worker would then refuse to read.
+        voice = self.store.validated(voice_id, data)
         self.store.save(voice_id, data, overwrite=overwrite)
-        return self.store.metadata(voice_id)
+        # What was written, not a second read: a delete racing this upload must not turn
+        # the answer into voice_not_found after the file was saved.
+        return voice.metadata()
 
     def _from_audio(self, request: UploadVoiceRequest) -> bytes:
         field = "audio_base64" if request.audio_base64 is not None else "audio_url"

@@ -44,6 +44,21 @@ def test_undecodable_input_is_invalid_audio(data, needle):
         reference.decode(data, label="audio_base64")
 
 
+@pytest.mark.parametrize("bits", [0, 33, 65535])
+def test_a_wav_whose_sample_size_no_decoder_knows_is_refused_in_plain_words(bits):
+    """FFmpeg opens such a stream without a codec; the message names the accepted codecs,
+    not Python's ``'NoneType' object has no attribute 'name'``."""
+    import struct
+
+    rate, samples = 24000, np.zeros(24000 * 4, dtype="<i2").tobytes()
+    fmt = struct.pack("<HHIIHH", 1, 1, rate, rate * 2, 2, bits)
+    data = (b"RIFF" + struct.pack("<I", 36 + len(samples)) + b"WAVEfmt " + struct.pack("<I", 16)
+            + fmt + b"data" + struct.pack("<I", len(samples)) + samples)
+    with pytest.raises(InvalidAudio) as caught:
+        reference.decode(data, label="file")
+    assert caught.value.message.startswith("file is wav with a codec no decoder knows; accepted: ")
+
+
 def test_silence_is_trimmed_and_loudness_normalised():
     samples, rate = speech_samples(SENTENCES[2])
     audio = reference.decode(speech_wav(SENTENCES[2]))

@@ -310,6 +310,64 @@ def test_voice_upload_errors(client, data, files, status, code):
     assert response.json()["code"] == code
 
 
+def test_malformed_multipart_and_oversized_files_are_400_with_a_code(client):
+    eleven = [("file", (f"{i}.wav", b"RIFF")) for i in range(11)]
+    response = client.post("/voices", data={"voice_id": "many"}, files=eleven)
+    assert response.status_code == 400 and response.json()["code"] == "invalid_input"
+    assert "Too many files" in response.json()["detail"]
+    response = client.post("/voices", content=b"--x\r\n",
+                           headers={"Content-Type": "multipart/form-data"})  # no boundary
+    assert response.status_code == 400 and response.json()["code"] == "invalid_input"
+    # Larger than any reference recording or voice file: refused before it is read.
+    huge = b"\0" * (33 * 1024 * 1024)
+    response = client.post("/voices", data={"voice_id": "huge"}, files={"file": ("a.wav", huge)})
+    assert response.status_code == 400 and response.json()["code"] == "invalid_input"
+    assert "file is 34603008 bytes" in response.json()["detail"]
+    assert client.get("/voices/huge").status_code == 404
+
+
+def test_the_routers_own_errors_carry_a_code(client):
+    response = client.get("/no/such/route")
+    assert response.status_code == 404 and response.json()["code"] == "not_found"
+    response = client.put("/tts/generate", json={"text": "hi"})
+    assert response.status_code == 405 and response.json()["code"] == "method_not_allowed"
+
+
+def test_voice_uploads_read_their_files_one_request_at_a_time(served, client, monkeypatch):
+    """Each upload may hold 10 x 25 MiB in memory: concurrent ones wait for each other."""
+    service = served.core.service
+    original = service.upload_voice_files
+    inside, most = [0], [0]
+    lock = threading.Lock()
+
+    def counted(*args, **kwargs):
+        with lock:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        try:
+            time.sleep(0.3)
+            return original(*args, **kwargs)
+        finally:
+            with lock:
+                inside[0] -= 1
+
+    monkeypatch.setattr(service, "upload_voice_files", counted)
+    wav = wav_bytes(4.0, seed=9)
+
+    def upload(i):
+        with httpx.Client(base_url=served.url, headers=AUTH, timeout=120) as c:
+            return c.post("/voices", data={"voice_id": f"one-at-a-time-{i}"},
+                          files={"file": ("a.wav", wav)}).status_code
+
+    threads = [threading.Thread(target=lambda i=i: results.append(upload(i))) for i in range(3)]
+    results = []
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert results == [201, 201, 201] and most[0] == 1
+
+
 # -- OpenAI ---------------------------------------------------------------------
 
 

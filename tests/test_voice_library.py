@@ -90,6 +90,22 @@ def test_existing_id_needs_overwrite(runner):
     assert after != before  # replaced: other reference audio, other file
 
 
+def test_an_upload_answers_what_it_wrote_even_if_a_delete_comes_right_after(runner, monkeypatch):
+    """Another worker deletes the voice between this upload's write and its answer: the
+    answer is still the stored voice's metadata, not voice_not_found for a voice it saved."""
+    store = runner.voices
+    save = store.save
+
+    def save_then_deleted(voice_id, data, **kwargs):
+        save(voice_id, data, **kwargs)
+        store.delete(voice_id)
+
+    monkeypatch.setattr(store, "save", save_then_deleted)
+    answer = upload(runner, "fleeting")
+    assert "error" not in answer, answer
+    assert answer["voice_id"] == "fleeting" and answer["size_bytes"] > 0
+
+
 def test_list_get_export_import_delete(runner):
     upload(runner, "b-voice")
     upload(runner, "a-voice", text=SENTENCES[2])

@@ -41,6 +41,8 @@ STATUS = {
     "model_unavailable": 503,
     "internal_error": 500,
 }
+# Codes of the errors the router itself answers (see on_http).
+HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 OPEN_PATHS = ("/health", "/ping")  # no key, answered while loading, served on PORT_HEALTH
 # Request bodies: JSON requests carry at most MAX_TEXT_CHARS of text (4 bytes a
 # character, escapes included, fit); an upload at most 10 clips of 25 MiB.
@@ -121,6 +123,15 @@ class State:
             max_workers=settings.concurrency + 4, thread_name_prefix="http")
         self.health_port: Optional[int] = None
         self.metrics = Metrics()
+        # Voice uploads read their files into memory (up to 10 x 25 MiB) one request at a
+        # time; the engine builds voices one at a time anyway. Made on the event loop.
+        self._uploads: Optional[asyncio.Semaphore] = None
+
+    @property
+    def uploads(self) -> asyncio.Semaphore:
+        if self._uploads is None:
+            self._uploads = asyncio.Semaphore(1)
+        return self._uploads
 
     def batch_size(self) -> int:
         """Requests in the engine's current decode step (0 before the first one)."""
@@ -349,7 +360,11 @@ def create_app(settings: Settings, loader: Optional[Callable[[Settings], Service
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, exc: StarletteHTTPException):
-        return JSONResponse({"detail": exc.detail, "request_id": request_id(request)},
+        # The router's own answers (no such route, wrong method, a malformed body Starlette
+        # refused): every error carries a code, as the contract says.
+        code = HTTP_CODES.get(exc.status_code,
+                              "invalid_input" if exc.status_code < 500 else "internal_error")
+        return JSONResponse({"detail": exc.detail, "code": code, "request_id": request_id(request)},
                             status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)

@@ -14,17 +14,23 @@ import asyncio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
 from ..errors import InvalidInput, excerpt
+from ..reference import MAX_FILE_BYTES
 from ..schemas import is_voice_id
 from ..service import JobSummary
+from ..voices import MAX_VOICE_FILE_BYTES
 from .app import State, require_key
 from .routes_speech import strip_pth
 
 router = APIRouter(dependencies=[Depends(require_key)])
 
 MAX_FILES = 10
+# No file of an upload may be larger: a reference clip or an exported voice file. Checked
+# on the parsed form (spooled to disk) before any file is read into memory.
+MAX_UPLOAD_FILE_BYTES = max(MAX_FILE_BYTES, MAX_VOICE_FILE_BYTES)
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
 
@@ -65,9 +71,12 @@ async def upload_voice(request: Request):
     service = core.require_service()
     try:
         form = await request.form(max_files=MAX_FILES, max_fields=10)
-    except MultiPartException as exc:  # malformed multipart, too many files: the client's fault
+    except (MultiPartException, StarletteHTTPException) as exc:
+        # Malformed multipart, too many files or fields, a field too large: the client's fault.
+        # (Starlette raises its own HTTPException for these inside an app.)
+        problem = getattr(exc, "message", None) or getattr(exc, "detail", "")
         raise InvalidInput(f"the body must be multipart/form-data with 'file' and 'voice_id' "
-                           f"({excerpt(exc.message, 80)})") from None
+                           f"({excerpt(str(problem), 80)})") from None
     try:
         voice_id = checked_id(form.get("voice_id"))
         overwrite = form_flag(form.get("overwrite"), "overwrite")
@@ -75,12 +84,18 @@ async def upload_voice(request: Request):
         uploads = [f for f in form.getlist("file") if isinstance(f, UploadFile)]
         if not uploads:
             raise InvalidInput("file: give one voice file or one or more reference recordings")
-        files = [await f.read() for f in uploads]
+        labels = [f"file[{i}]" if len(uploads) > 1 else "file" for i in range(len(uploads))]
+        for upload, label in zip(uploads, labels):
+            if upload.size is not None and upload.size > MAX_UPLOAD_FILE_BYTES:
+                raise InvalidInput(f"{label} is {upload.size} bytes; a reference recording may "
+                                   f"be {MAX_FILE_BYTES} bytes, a voice file {MAX_VOICE_FILE_BYTES}")
+        async with core.uploads:  # one upload's files in memory at a time
+            files = [await f.read() for f in uploads]
+            await form.close()
+            metadata = await _off_loop(service.upload_voice_files, voice_id, files, labels=labels,
+                                       overwrite=overwrite, rebuild=rebuild)
     finally:
         await form.close()
-    labels = [f"file[{i}]" if len(files) > 1 else "file" for i in range(len(files))]
-    metadata = await _off_loop(service.upload_voice_files, voice_id, files, labels=labels,
-                               overwrite=overwrite, rebuild=rebuild)
     _log(request, "upload_voice", voice_id)
     return JSONResponse({**metadata, "message": "Voice uploaded successfully."}, status_code=201)
 
