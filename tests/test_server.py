@@ -735,3 +735,22 @@ def test_a_websocket_that_stops_reading_loses_its_slot_at_the_deadline(
         assert any("action=ws_stream" in m and "outcome=timeout" in m for m in caplog.messages)
         with httpx.Client(base_url=deadline_app.url, timeout=60) as c:
             assert c.post("/tts/generate", json={"text": "Next.", "seed": 1}).status_code == 200
+
+
+@pytest.mark.parametrize("path,content_type,start", [
+    ("/tts/generate", "application/json", b'{"text": "Hel'),
+    ("/voices", "multipart/form-data; boundary=x",
+     b'--x\r\nContent-Disposition: form-data; name="voice_id"\r\n\r\nnar'),
+])
+def test_a_body_that_never_finishes_arriving_is_504_at_the_deadline(deadline_app, path,
+                                                                    content_type, start):
+    """Headers promise 1000 bytes, a few come, then nothing: the answer comes at
+    REQUEST_TIMEOUT_S instead of the connection waiting for as long as the client likes."""
+    with socket.create_connection(("127.0.0.1", deadline_app.port)) as dripping:
+        dripping.sendall(f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: {content_type}\r\n"
+                         f"Content-Length: 1000\r\n\r\n".encode() + start)
+        dripping.settimeout(30)
+        started = time.monotonic()
+        answer = dripping.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 504 "), answer[:200]
+    assert b'"code":"timeout"' in answer and time.monotonic() - started < 25

@@ -62,7 +62,14 @@ def parse_json_object(raw) -> dict:
 
 
 async def json_body(request: Request) -> dict:
-    return parse_json_object(await request.body())
+    """The body as a JSON object; a body still arriving after ``REQUEST_TIMEOUT_S`` is
+    ``RequestTimeout`` (a client dripping bytes holds no slot, but should not hold on)."""
+    try:
+        async with asyncio.timeout(request.app.state.core.settings.request_timeout_s):
+            raw = await request.body()
+    except TimeoutError:
+        raise RequestTimeout() from None
+    return parse_json_object(raw)
 
 
 def strip_pth(voice_id):

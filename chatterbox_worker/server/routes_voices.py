@@ -22,7 +22,7 @@ from ..reference import MAX_FILE_BYTES
 from ..schemas import is_voice_id
 from ..service import JobSummary
 from ..voices import MAX_VOICE_FILE_BYTES
-from .app import State, require_key
+from .app import RequestTimeout, State, require_key
 from .routes_speech import strip_pth
 
 router = APIRouter(dependencies=[Depends(require_key)])
@@ -70,7 +70,10 @@ async def upload_voice(request: Request):
     core: State = request.app.state.core
     service = core.require_service()
     try:
-        form = await request.form(max_files=MAX_FILES, max_fields=10)
+        async with asyncio.timeout(core.settings.request_timeout_s):  # a body still dripping
+            form = await request.form(max_files=MAX_FILES, max_fields=10)
+    except TimeoutError:
+        raise RequestTimeout() from None
     except (MultiPartException, StarletteHTTPException) as exc:
         # Malformed multipart, too many files or fields, a field too large: the client's fault.
         # (Starlette raises its own HTTPException for these inside an app.)
