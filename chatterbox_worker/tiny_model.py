@@ -156,6 +156,9 @@ def main(argv=None) -> int:
     parser.add_argument("--size", choices=("tiny", "full"), default="tiny")
     parser.add_argument("--variant", default="original", choices=sorted(WRITERS))
     args = parser.parse_args(argv)
+    from .engine.quiet import filter_third_party_warnings
+
+    filter_third_party_warnings()  # as the worker does: upstream's import-time warnings
     started = time.perf_counter()
     sizes = TINY if args.size == "tiny" else ModelSizes()
     write_checkpoint(args.directory, seed=args.seed, sizes=sizes, variant=args.variant)

@@ -315,7 +315,8 @@ class VoiceStore:
             self.directory.mkdir(parents=True, exist_ok=True)
             fd, tmp_name = tempfile.mkstemp(prefix=f".{voice_id}.", suffix=".tmp", dir=self.directory)
         except OSError as exc:
-            raise StorageUnavailable(f"cannot write to the voices directory: {exc.strerror}") from None
+            raise StorageUnavailable(f"cannot write to the voices directory {self.directory}: "
+                                     f"{exc.strerror}") from None
         tmp = Path(tmp_name)
         try:
             with os.fdopen(fd, "wb") as fh:

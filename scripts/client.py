@@ -35,7 +35,7 @@ from chatterbox_worker.client import (FORMATS, Endpoint, JobFailed, UsageError, 
 # the worker checks the ranges and its error names the flag. Left out, a field
 # takes the served model's default (the original model's is shown).
 SAMPLING = {
-    "exaggeration": (0.0, 2.0, 0.5, "emotion intensity (not used by turbo)"),
+    "exaggeration": (0.25, 2.0, 0.5, "emotion intensity (not used by turbo: send nothing or 0)"),
     "cfg_weight": (0.0, 1.0, 0.5, "guidance weight, 0 turns guidance off"),
     "temperature": (0.05, 5.0, 0.8, "sampling temperature"),
     "top_p": ("above 0", 1.0, 1.0, "nucleus sampling"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -26,6 +27,9 @@ def main(argv=None) -> int:
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
 
+    from chatterbox_worker.engine.quiet import filter_third_party_warnings
+
+    filter_third_party_warnings()
     from chatterbox_worker.cloning import build_voice
     from chatterbox_worker.config import load_settings
     from chatterbox_worker.engine import load_engine
@@ -49,6 +53,14 @@ def main(argv=None) -> int:
         if store.exists(args.output_voice_id) and not args.overwrite:
             print(f"voice '{args.output_voice_id}' already exists in {voices_dir}; "
                   f"pass --overwrite to replace it", file=sys.stderr)
+            return 1
+        try:  # before minutes of model loading and cloning, not after
+            Path(voices_dir).mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=voices_dir):
+                pass
+        except OSError as exc:
+            print(f"clone_voice: cannot write to --voices_dir {voices_dir}: {exc.strerror}",
+                  file=sys.stderr)
             return 1
         progress("loading the model")
         engine = load_engine(settings.model_copy(update={"warmup": False}))

@@ -34,8 +34,11 @@ def items_of(answer: dict) -> list:
 
 
 def main(argv: list) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__.strip())
+        return 0
     args = [a for a in argv if a != "--append"]
-    if len(args) != 1:
+    if len(args) != 1 or args[0].startswith("-"):
         print(__doc__.strip().splitlines()[0] + "\nusage: job_audio.py [--append] OUT < answer.json",
               file=sys.stderr)
         return 2

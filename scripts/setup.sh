@@ -39,4 +39,5 @@ HF_HOME=${HF_HOME:-$PWD/.cache/huggingface} "$VENV/bin/python" - <<'PY'
 import numpy as np, librosa
 librosa.resample(np.zeros(1600, dtype=np.float32), orig_sr=16000, target_sr=24000)
 PY
-"$VENV/bin/python" -c "import chatterbox, runpod, torch; print('setup: ok, torch', torch.__version__)"
+"$VENV/bin/python" -c "from chatterbox_worker.engine.quiet import filter_third_party_warnings as quiet; quiet()
+import chatterbox, runpod, torch; print('setup: ok, torch', torch.__version__)"

@@ -99,3 +99,16 @@ def test_clone_voice_script_makes_a_voice_the_worker_lists_and_speaks_with(recor
                             "--output_voice_id", "narrator"], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 1 and "already exists" in again.stderr
+
+
+def test_an_unwritable_voices_dir_is_refused_before_the_model_loads(recordings, tmp_path,
+                                                                   settings_env):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")  # a folder under a file cannot be made, even by root
+    env = worker_env(**settings_env)
+    done = subprocess.run([sys.executable, "scripts/clone_voice.py", "--input_dir", str(recordings),
+                           "--output_voice_id", "narrator", "--voices_dir", str(blocker / "voices")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1
+    assert f"cannot write to --voices_dir {blocker / 'voices'}" in done.stderr
+    assert "loading the model" not in done.stderr and "Warning" not in done.stderr

@@ -86,3 +86,10 @@ def test_a_failed_job_prints_its_error_and_exits_1(tmp_path, answer, shown):
 def test_an_answer_that_is_not_a_job_is_bad_usage(tmp_path, answer):
     done = job_audio(answer, tmp_path / "a.wav")
     assert done.returncode == 2 and done.stderr and "Traceback" not in done.stderr
+
+
+def test_help_is_shown_instead_of_waiting_for_an_answer(tmp_path):
+    done = subprocess.run([sys.executable, "scripts/job_audio.py", "--help"], cwd=ROOT,
+                          input="", capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "usage" not in done.stderr
+    assert done.stdout.startswith("Save the audio of a RunPod job answer")

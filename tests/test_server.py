@@ -201,6 +201,16 @@ def test_keys(served, monkeypatch):
     assert len(compared) == 3
 
 
+def test_openai_clients_read_why_a_key_was_refused(served):
+    import openai
+
+    wrong = openai.OpenAI(base_url=f"{served.url}/v1", api_key="wrong", max_retries=0, timeout=60)
+    with pytest.raises(openai.AuthenticationError) as caught:
+        wrong.audio.speech.create(model="tts-1", voice="alloy", input="Hello.")
+    assert "missing or wrong API key" in str(caught.value)
+    assert caught.value.code == "invalid_api_key"
+
+
 # -- health ---------------------------------------------------------------------
 
 

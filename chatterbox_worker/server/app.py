@@ -193,7 +193,9 @@ def key_from_headers(headers, *, bearer: bool) -> Optional[str]:
 
 
 class Unauthorized(Exception):
-    pass
+    def __init__(self, openai: bool = False):
+        super().__init__()
+        self.openai = openai  # answer in OpenAI's error shape too (its clients read that)
 
 
 def require_key(request: Request) -> None:
@@ -205,7 +207,7 @@ def require_key(request: Request) -> None:
 def require_key_or_bearer(request: Request) -> None:
     """Dependency of the OpenAI routes: ``X-API-Key`` or ``Authorization: Bearer``."""
     if not check_key(request.app.state.core.settings, key_from_headers(request.headers, bearer=True)):
-        raise Unauthorized()
+        raise Unauthorized(openai=True)
 
 
 class BodyTooLarge(Exception):
@@ -332,9 +334,12 @@ def create_app(settings: Settings, loader: Optional[Callable[[Settings], Service
 
     @app.exception_handler(Unauthorized)
     async def on_unauthorized(request: Request, exc: Unauthorized):
-        return JSONResponse({"detail": "missing or wrong API key", "code": "unauthorized",
-                             "request_id": request_id(request)}, status_code=401,
-                            headers={"WWW-Authenticate": "Bearer"})
+        message = "missing or wrong API key"
+        body = {"detail": message, "code": "unauthorized", "request_id": request_id(request)}
+        if exc.openai:
+            body["error"] = {"message": message, "type": "invalid_request_error", "param": None,
+                             "code": "invalid_api_key"}
+        return JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
 
     @app.exception_handler(Busy)
     async def on_busy(request: Request, exc: Busy):
