@@ -136,6 +136,7 @@ class StaticCacheDecoder:
         self.capacity = 0
         self.k_cache = self.v_cache = None
         self._graphs: Dict[Tuple[int, int], "torch.cuda.CUDAGraph"] = {}
+        self._pool = None
         self._reserve(LENGTH_BUCKET)
         self.vocab = t3.hp.speech_tokens_dict_size
 
@@ -157,7 +158,6 @@ class StaticCacheDecoder:
         if use_graphs and self.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
         self.cuda_graphs = use_graphs
-        self._pool = None
 
     def _rows(self, first_slot: int, end_slot: int) -> slice:
         return slice(self.ROWS_PER_SLOT * first_slot, self.ROWS_PER_SLOT * end_slot)
@@ -175,7 +175,15 @@ class StaticCacheDecoder:
             k_cache[:, :, :, :self.capacity] = self.k_cache
             v_cache[:, :, :, :self.capacity] = self.v_cache
         self.k_cache, self.v_cache, self.capacity = k_cache, v_cache, capacity
-        self._graphs.clear()  # captured graphs read the old buffers
+        self._drop_graphs()  # captured graphs read the old buffers
+
+    def _drop_graphs(self) -> None:
+        """Forget every captured graph, and their memory pool with them: a pool whose graphs
+        are all gone cannot be captured into again (torch asserts its use count; a cuBLAS
+        workspace made during the first capture keeps it alive), so the next capture starts
+        a new one."""
+        self._graphs.clear()
+        self._pool = None
 
     # -- membership ---------------------------------------------------------
 
@@ -191,6 +199,7 @@ class StaticCacheDecoder:
             raise ValueError("request already added")
         self._waiting.append(request)
 
+    @torch.inference_mode()  # a cache grown inside ``step`` is an inference tensor: edit it in kind
     def remove(self, request: DecodeRequest) -> bool:
         """Drop ``request`` now (cancellation); its slot is free for the next step."""
         if request in self._waiting:
@@ -223,22 +232,31 @@ class StaticCacheDecoder:
     def step(self) -> List[StepEvent]:
         """One token for every running request; finished requests leave the decoder."""
         events: List[StepEvent] = []
+        freed = False
         while self._slots:
+            # The forward changes nothing a retry does not redo (it writes each row's K/V at
+            # the same position again).
             try:
                 self._forward(len(self._slots))
                 break
             except Exception as exc:
                 if not is_out_of_memory(exc):
                     raise
-                # The forward changed nothing the retry does not redo (it writes
-                # each row's K/V at the same position again): drop the newest
-                # request, which the batch fitted without, and go on.
-                newest = max(self._slots, key=lambda slot: slot.joined)
-                log.warning("out of memory in a decode step of %d requests: dropping the newest",
-                            len(self._slots))
-                self.remove(newest.request)
-                events.append(StepEvent(newest.request, None, True, _out_of_memory(exc)))
-                release_cached_memory(self.device)
+                if freed:  # still short: drop the newest request, which the batch fitted without
+                    newest = max(self._slots, key=lambda slot: slot.joined)
+                    log.warning("out of memory in a decode step of %d requests: dropping the "
+                                "newest", len(self._slots))
+                    self.remove(newest.request)
+                    events.append(StepEvent(newest.request, None, True, _out_of_memory(exc)))
+                    release_cached_memory(self.device)
+                    continue
+            # First, the allocator's cached blocks (after the except: its traceback held the
+            # failed forward's tensors). It hands them back by itself, but not while another
+            # thread captures a CUDA graph; this waits for that capture to end.
+            freed = True
+            log.warning("out of memory in a decode step of %d requests: freeing cached memory "
+                        "and trying again", len(self._slots))
+            release_cached_memory(self.device)
         running = len(self._slots)
         if running:
             # Each running row wrote its new position; the next goes after it.
@@ -398,7 +416,7 @@ class StaticCacheDecoder:
                 log.exception("CUDA graph capture of the %s T3 decode step failed; "
                               "decoding without CUDA graphs from now on", self.backbone)
                 self.cuda_graphs = False
-                self._graphs.clear()
+                self._drop_graphs()
                 graph_capture.synchronize()
                 self._step_body(bucket, span)
                 return

@@ -146,6 +146,7 @@ class FlowGraphs:
                                   "vocoding without CUDA graphs from now on")
                     self.enabled = False
                     self._buckets.clear()
+                    self._pool = None
                     return self._eager(x, mu, mask, spks, cond, steps)
                 self._hold(key, bucket)
             if bucket.graph is not None:
@@ -185,7 +186,9 @@ class FlowGraphs:
         """Capture the bucket's graph (CUDA); without ``capture``, nothing to prepare."""
         if not self.capture:
             return
-        if self._pool is None:
+        if self._pool is None or not self._buckets:
+            # A pool none of whose graphs is left (a first capture that ran out of memory)
+            # cannot be captured into again: torch asserts its use count. A new one.
             self._pool = torch.cuda.graph_pool_handle()
         bucket.graph, bucket.output = graph_capture.capture(lambda: self._run(bucket), self._pool)
         self.captures += 1

@@ -120,6 +120,10 @@ def _load_state(module: torch.nn.Module, state: dict, name: str, *, strict: bool
             raise ConfigError(f"{name} lacks {len(missing)} weights, e.g. {missing[:3]}")
 
 
+# Buffers of HF's rotary embeddings (Llama) that must not be rounded with the weights.
+ROTARY_BUFFERS = ("inv_freq", "original_inv_freq")
+
+
 def set_t3_format(t3: torch.nn.Module, dtype: str) -> torch.nn.Module:
     """T3 in the weight format ``dtype`` (``float32``, ``bfloat16`` or ``int8``), in place.
 
@@ -131,7 +135,16 @@ def set_t3_format(t3: torch.nn.Module, dtype: str) -> torch.nn.Module:
     if dtype == "float32":
         return t3
     if dtype == "bfloat16":
-        return t3.to(torch.bfloat16)
+        # The rotary frequencies are buffers, and ``.to`` would round them too: at position
+        # 1500 a bfloat16 frequency turns a query by up to 1.4 rad. HF's rotary embedding (and
+        # FastDecoder's tables, made by it) compute in float32 from them: keep them float32.
+        rotary = {name: buffer for name, buffer in t3.named_buffers()
+                  if name.rpartition(".")[2] in ROTARY_BUFFERS}
+        t3.to(torch.bfloat16)
+        for name, buffer in rotary.items():
+            owner, _, attribute = name.rpartition(".")
+            setattr(t3.get_submodule(owner), attribute, buffer)
+        return t3
     if dtype == "int8":
         from torch.ao.quantization import quantize_dynamic
 

@@ -19,8 +19,10 @@ class FakeCuda:
     """The torch.cuda calls ``capture`` makes, recorded; ``fail`` makes ending a capture raise."""
 
     def __init__(self, monkeypatch, fail=False):
+        # fail: an exception for ending the capture to raise, True for torch's stream error
         self.calls, self.current, self.fail = [], "default stream", fail
         monkeypatch.setattr(graph_capture, "_warm_up_stream", None)
+        monkeypatch.setattr(graph_capture, "_failed", None)
         fake = self
 
         class Stream:
@@ -48,7 +50,8 @@ class FakeCuda:
             previous, fake.current = fake.current, "capture stream"
             yield
             if fake.fail:  # as torch: ending the capture raises before the stream is restored
-                raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+                raise fake.fail if isinstance(fake.fail, BaseException) else RuntimeError(
+                    "CUDA error: operation not permitted when stream is capturing")
             fake.current = previous
 
         class DefaultStream:
@@ -96,3 +99,32 @@ def test_a_failed_capture_leaves_the_thread_on_its_stream_and_the_lock_free(monk
     other.start()
     other.join()
     assert taken == [True]
+
+
+def test_a_failed_capture_is_the_last_in_the_process_unless_memory_ran_out(monkeypatch):
+    """A capture that failed may leave torch's allocator counting it as underway: nothing is
+    captured after it, in any component (each then runs eagerly). Out of memory leaves nothing
+    behind: capturing goes on."""
+    cuda = FakeCuda(monkeypatch, fail=torch.OutOfMemoryError("CUDA out of memory (simulated)"))
+    with pytest.raises(torch.OutOfMemoryError):
+        graph_capture.capture(cuda.run, pool="pool")
+    cuda.fail = False
+    assert graph_capture.capture(cuda.run, pool="pool")[1] == "output"
+    cuda.fail = True
+    with pytest.raises(RuntimeError, match="capturing"):
+        graph_capture.capture(cuda.run, pool="pool")
+    cuda.fail, cuda.calls = False, []
+    with pytest.raises(graph_capture.CaptureUnavailable, match="operation not permitted"):
+        graph_capture.capture(cuda.run, pool="pool")
+    assert cuda.calls == []  # not even the warm-up ran
+
+
+def test_a_failing_warm_up_is_not_a_failed_capture(monkeypatch):
+    cuda = FakeCuda(monkeypatch)
+
+    def broken():
+        raise ValueError("a shape the step does not take")
+
+    with pytest.raises(ValueError):
+        graph_capture.capture(broken, pool="pool")
+    assert graph_capture.capture(cuda.run, pool="pool")[1] == "output"

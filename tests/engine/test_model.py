@@ -5,7 +5,7 @@ import gc
 import pytest
 import torch
 
-from chatterbox_worker.engine.model import load_model
+from chatterbox_worker.engine.model import ROTARY_BUFFERS, load_model
 from chatterbox_worker.engine.weights import WeightSource
 
 
@@ -113,3 +113,16 @@ def test_random_init_is_skipped_while_building_and_only_then():
     assert (weight == 7.0).all()
     torch.nn.init.kaiming_uniform_(weight)
     assert not (weight == 7.0).any()
+
+
+def test_a_bfloat16_t3_keeps_its_rotary_frequencies_in_float32(tiny_checkpoint):
+    """``.to(bfloat16)`` would round the rotary frequencies with the weights; positions far
+    into a take would then be rotated by the wrong angles (up to 1.4 rad at 1500)."""
+    source = WeightSource(tiny_checkpoint, "model_dir")
+    exact = dict(load_model(source, variant="original", device="cpu").t3.named_buffers())
+    t3 = load_model(source, variant="original", device="cpu", t3_dtype="bfloat16").t3
+    rotary = {n: b for n, b in t3.named_buffers() if n.rpartition(".")[2] in ROTARY_BUFFERS}
+    assert rotary and t3.speech_emb.weight.dtype == torch.bfloat16
+    for name, buffer in rotary.items():
+        assert buffer.dtype == torch.float32 and torch.equal(buffer, exact[name]), name
+    assert all(p.dtype == torch.bfloat16 for p in t3.tfmr.parameters())
