@@ -99,11 +99,11 @@ class TokenStream:
 class Scheduler:
     """Continuous batching of T3 decode steps across threads (see the module docstring)."""
 
-    def __init__(self, t3, *, exact: bool = True, name: str = "t3-decode",
+    def __init__(self, t3, *, name: str = "t3-decode",
                  decoder: Optional[Callable[[], object]] = None):
         """``decoder`` makes the decoder the thread drives (``BatchDecoder`` or
-        ``FastDecoder``); by default ``BatchDecoder(t3, exact=exact)``."""
-        self._make_decoder = decoder or (lambda: BatchDecoder(t3, exact=exact))
+        ``FastDecoder``); by default ``BatchDecoder(t3)``."""
+        self._make_decoder = decoder or (lambda: BatchDecoder(t3))
         self._name = name
         self._cond = threading.Condition()
         self._incoming: List[TokenStream] = []
