@@ -215,3 +215,44 @@ def test_timing_of_three_concurrent_streams_against_three_in_sequence(plain, voi
     with capsys.disabled():
         print(f"\n3 streamed jobs of {BUDGET} tokens on the tiny model: in sequence {sequence:.2f}s, "
               f"concurrent {concurrent:.2f}s")
+
+
+def test_the_fast_decoder_survives_a_cancel_after_its_cache_grew(plain, voices, monkeypatch):
+    """The scheduler thread cancels outside the decode step; with the fast decoder (CPU int8,
+    any CUDA worker) the cache it grew inside a step is an inference tensor. Cancelling a job
+    in the first slot moves the other's K/V: the other goes on with its own tokens, and the
+    thread serves the next request."""
+    import torch
+
+    from chatterbox_worker.engine.batch_decode import DecodeRequest
+    from chatterbox_worker.engine.decode import text_tokens_for
+    from chatterbox_worker.engine.fast_decode import FastDecoder
+    from chatterbox_worker.engine.scheduler import Scheduler
+
+    monkeypatch.setattr(FastDecoder, "_stops", lambda self, slot, token, stop: False)  # full budgets
+    model = plain.model
+
+    def decode_request(job: Job, budget: int) -> DecodeRequest:
+        t3_cond, _ = voices[job.voice].for_request(job.exaggeration)
+        return DecodeRequest(t3_cond=t3_cond, text_tokens=text_tokens_for(model, job.text),
+                             params=job.sampling, max_new_tokens=budget,
+                             generator=torch.Generator().manual_seed(job.seed))
+
+    alone = list(Scheduler(model.t3, decoder=lambda: FastDecoder(model.t3, slots=2, max_len=1024))
+                 .submit(decode_request(JOBS[1], 400)))
+    decoders = []
+
+    def make():
+        decoders.append(FastDecoder(model.t3, slots=2, max_len=1024))
+        return decoders[-1]
+
+    scheduler = Scheduler(model.t3, decoder=make)
+    first = scheduler.submit(decode_request(JOBS[0], 400))
+    second = scheduler.submit(decode_request(JOBS[1], 400))
+    got = [next(second) for _ in range(3)]
+    next(first)
+    first.close()  # cancelled while both decode: the scheduler removes it between steps
+    got += list(second)
+    assert decoders[0].capacity > 256  # the cache grew for these budgets
+    assert got == alone and len(got) == 400
+    assert list(scheduler.submit(decode_request(JOBS[2], 5))) and scheduler.thread.is_alive()
