@@ -309,9 +309,18 @@ class StaticCacheDecoder:
                 continue
             try:
                 inputs, params = self._prefill_inputs(request)
-                if inputs.size(1) + request.max_new_tokens >= self.max_len:
-                    raise ValueError(f"prompt of {inputs.size(1)} positions plus "
-                                     f"{request.max_new_tokens} tokens exceeds the decoder's {self.max_len}")
+                fits = self.max_len - inputs.size(1) - 1  # speech tokens the cache has room for
+                if fits < 1:
+                    raise ValueError(f"the text piece and voice prompt take {inputs.size(1)} "
+                                     f"positions; this decoder holds {self.max_len}")
+                if request.max_new_tokens > fits:
+                    # A piece whose text takes many tokens (CJK or emoji through GPT-2's byte
+                    # pairs, Korean as jamo): its speech is capped as upstream's 1000-token cap
+                    # caps any piece, rather than the job failing.
+                    log.warning("a prompt of %d positions leaves room for %d of the %d speech "
+                                "tokens asked; capped", inputs.size(1), fits,
+                                request.max_new_tokens)
+                    request.max_new_tokens = fits
             except Exception as exc:
                 events.append(StepEvent(request, None, True, exc))
                 continue

@@ -155,16 +155,29 @@ def test_same_seed_same_tokens_other_seed_other_tokens(model, voices):
     assert tokens(5) != tokens(6)
 
 
-def test_a_prompt_and_budget_past_the_cache_are_refused(model, voices):
-    request = make_request(model, voices["builtin"], "Too long for this cache.", budget=300)
-    decoder = FastDecoder(model.t3, slots=1, max_len=256)
+def test_a_budget_past_the_cache_is_capped_and_a_prompt_past_it_refused(model, voices, monkeypatch):
+    """A piece whose text takes many tokens leaves less room for speech: its budget is cut to
+    what the cache holds (as upstream's 1000-token cap cuts any piece) instead of the job
+    failing; only a prompt that alone fills the cache is refused, and alone."""
+    from chatterbox_worker.engine.fast_decode import FastDecoder as Decoder
+
+    monkeypatch.setattr(Decoder, "_stops", lambda self, slot, token, stop: False)  # full budgets
+    capped = make_request(model, voices["builtin"], "Too long for this cache.", budget=300)
+    decoder = FastDecoder(model.t3, slots=2, max_len=256)
     other = make_request(model, voices["builtin"], "Fits.", budget=5)
-    decoder.add(request)
-    decoder.add(other)
+    prompt = decoder._prefill_inputs(capped)[0].size(1)
+    tokens = run(decoder, {0: [capped, other]})
+    assert len(tokens[capped]) == 256 - prompt - 1 and len(tokens[other]) == 5
+
+    huge = make_request(model, voices["builtin"], "word " * 300, budget=5)
+    decoder = FastDecoder(model.t3, slots=2, max_len=256)
+    fits = make_request(model, voices["builtin"], "Fits.", budget=5)
+    decoder.add(huge)
+    decoder.add(fits)
     events = decoder.step()
-    assert [(e.request, e.done) for e in events] == [(request, True), (other, False)]
-    assert isinstance(events[0].error, ValueError) and "exceeds" in str(events[0].error)
-    assert request not in decoder and other in decoder
+    assert [(e.request, e.done) for e in events] == [(huge, True), (fits, False)]
+    assert isinstance(events[0].error, ValueError) and "this decoder holds 256" in str(events[0].error)
+    assert huge not in decoder and fits in decoder
 
 
 @pytest.mark.parametrize("params", [
