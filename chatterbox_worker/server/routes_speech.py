@@ -352,14 +352,14 @@ async def _ws_fail(websocket: WebSocket, code: str, detail: str, close_code: int
 
 async def _ws_request(websocket: WebSocket, timeout_s: float) -> Optional[dict]:
     """The first message as a JSON object (a text frame, or UTF-8 in a binary one); ``None``
-    when the client left or sent nothing in time."""
+    when nothing came in time; ``WebSocketDisconnect`` when the client left."""
     try:
         async with asyncio.timeout(timeout_s):
             message = await websocket.receive()
-    except (TimeoutError, WebSocketDisconnect):
+    except TimeoutError:
         return None
     if message["type"] != "websocket.receive":
-        return None
+        raise WebSocketDisconnect()
     raw = message.get("text")
     return parse_json_object(raw if raw is not None else message.get("bytes") or b"")
 
@@ -376,6 +376,8 @@ async def ws_stream(websocket: WebSocket):
     await websocket.accept()
     try:
         message = await _ws_request(websocket, core.settings.request_timeout_s)
+    except WebSocketDisconnect:
+        return
     except InvalidInput:
         return await _ws_fail(websocket, "invalid_input", "send one JSON object", 1008)
     if message is None:
