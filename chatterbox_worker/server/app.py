@@ -59,6 +59,17 @@ class RequestTimeout(Exception):
     """The request ran past ``REQUEST_TIMEOUT_S`` before its first bytes."""
 
 
+async def read_in_time(settings: Settings, reading):
+    """``await reading`` (a request body, a form), or ``RequestTimeout`` when it is still
+    arriving after ``REQUEST_TIMEOUT_S``: a client dripping bytes holds no slot, but should
+    not hold on either."""
+    try:
+        async with asyncio.timeout(settings.request_timeout_s):
+            return await reading
+    except TimeoutError:
+        raise RequestTimeout() from None
+
+
 class StreamAborted(Exception):
     """A response that had begun stops early (a failure or its deadline, already logged under
     the request id). ``Gate`` drops the connection without the final chunk, so the client

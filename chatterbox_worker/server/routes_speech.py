@@ -26,7 +26,8 @@ from ..errors import InvalidInput, VoiceNotFound, WorkerError, excerpt
 from ..schemas import GenerateRequest, is_voice_id, parse_request
 from ..service import JobSummary, Service
 from .app import (STATUS, Busy, RequestTimeout, Slot, State, StreamAborted, check_key,
-                  key_from_headers, request_id, require_key, require_key_or_bearer)
+                  key_from_headers, read_in_time, request_id, require_key,
+                  require_key_or_bearer)
 from .streaming import LiveStream
 
 log = logging.getLogger("chatterbox_worker.server")
@@ -62,14 +63,7 @@ def parse_json_object(raw) -> dict:
 
 
 async def json_body(request: Request) -> dict:
-    """The body as a JSON object; a body still arriving after ``REQUEST_TIMEOUT_S`` is
-    ``RequestTimeout`` (a client dripping bytes holds no slot, but should not hold on)."""
-    try:
-        async with asyncio.timeout(request.app.state.core.settings.request_timeout_s):
-            raw = await request.body()
-    except TimeoutError:
-        raise RequestTimeout() from None
-    return parse_json_object(raw)
+    return parse_json_object(await read_in_time(request.app.state.core.settings, request.body()))
 
 
 def strip_pth(voice_id):
@@ -132,16 +126,14 @@ async def start_stream(core: State, service: Service, generate: GenerateRequest,
         raise
 
 
-async def next_in_time(live: LiveStream) -> Optional[bytes]:
-    """``live.next()``, or ``TimeoutError`` once the request's deadline has passed."""
-    remaining = live.deadline - asyncio.get_running_loop().time()
-    if remaining == float("inf"):
-        return await live.next()
-    return await asyncio.wait_for(live.next(), max(remaining, 0))
-
-
 def deadline_or_none(deadline: float) -> Optional[float]:
     return None if deadline == float("inf") else deadline
+
+
+async def next_in_time(live: LiveStream) -> Optional[bytes]:
+    """``live.next()``, or ``TimeoutError`` once the request's deadline has passed."""
+    async with asyncio.timeout_at(deadline_or_none(live.deadline)):
+        return await live.next()
 
 
 async def audio_body(live: LiveStream, first: Optional[bytes], slot: Slot, rid: str,
@@ -190,8 +182,10 @@ class AudioResponse(StreamingResponse):
     The server's send waits while the client's socket is full, so a client that stops
     reading would otherwise keep its synthesis (and its slot) for as long as it likes."""
 
-    def __init__(self, live: LiveStream, content, rid: str, **kwargs):
-        super().__init__(content, **kwargs)
+    def __init__(self, live: LiveStream, first: Optional[bytes], slot: Slot, rid: str, *,
+                 frame: Callable[[bytes], bytes] = lambda data: data,
+                 end: Optional[Callable[[dict], bytes]] = None, **kwargs):
+        super().__init__(audio_body(live, first, slot, rid, frame, end), **kwargs)
         self._live = live
         self._rid = rid
 
@@ -219,8 +213,7 @@ async def generate(request: Request):
     generate = parse_generate(await json_body(request), core.settings.max_text_chars)
     rid = request_id(request)
     live, first, slot = await start_stream(core, service, generate, rid, "generate")
-    return AudioResponse(live, audio_body(live, first, slot, rid), rid,
-                         media_type=CONTENT_TYPES[generate.format],
+    return AudioResponse(live, first, slot, rid, media_type=CONTENT_TYPES[generate.format],
                          headers={"X-Seed": str(live.stream.seed)})
 
 
@@ -306,7 +299,7 @@ async def speech(request: Request):
     except WorkerError as exc:
         return openai_error(exc, rid)
     if not sse:
-        return AudioResponse(live, audio_body(live, first, slot, rid), rid,
+        return AudioResponse(live, first, slot, rid,
                              media_type=OPENAI_CONTENT_TYPES[response_format])
     characters = len(generate.text)
 
@@ -321,7 +314,7 @@ async def speech(request: Request):
                           "usage": {"input_tokens": characters, "output_tokens": output_tokens,
                                     "total_tokens": characters + output_tokens}})
 
-    return AudioResponse(live, audio_body(live, first, slot, rid, frame=delta, end=done), rid,
+    return AudioResponse(live, first, slot, rid, frame=delta, end=done,
                          media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 

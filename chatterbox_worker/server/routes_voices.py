@@ -22,7 +22,7 @@ from ..reference import MAX_FILE_BYTES
 from ..schemas import is_voice_id
 from ..service import JobSummary
 from ..voices import MAX_VOICE_FILE_BYTES
-from .app import RequestTimeout, State, require_key
+from .app import State, read_in_time, require_key
 from .routes_speech import strip_pth
 
 router = APIRouter(dependencies=[Depends(require_key)])
@@ -70,10 +70,7 @@ async def upload_voice(request: Request):
     core: State = request.app.state.core
     service = core.require_service()
     try:
-        async with asyncio.timeout(core.settings.request_timeout_s):  # a body still dripping
-            form = await request.form(max_files=MAX_FILES, max_fields=10)
-    except TimeoutError:
-        raise RequestTimeout() from None
+        form = await read_in_time(core.settings, request.form(max_files=MAX_FILES, max_fields=10))
     except (MultiPartException, StarletteHTTPException) as exc:
         # Malformed multipart, too many files or fields, a field too large: the client's fault.
         # (Starlette raises its own HTTPException for these inside an app.)
@@ -94,7 +91,6 @@ async def upload_voice(request: Request):
                                    f"be {MAX_FILE_BYTES} bytes, a voice file {MAX_VOICE_FILE_BYTES}")
         async with core.uploads:  # one upload's files in memory at a time
             files = [await f.read() for f in uploads]
-            await form.close()
             metadata = await _off_loop(service.upload_voice_files, voice_id, files, labels=labels,
                                        overwrite=overwrite, rebuild=rebuild)
     finally:
