@@ -70,6 +70,7 @@ ENVIRONMENT = {
     "cors_origins": "CORS_ORIGINS",
     "worker_mode": "WORKER_MODE",
     "request_timeout_s": "REQUEST_TIMEOUT_S",
+    "header_timeout_s": "HEADER_TIMEOUT_S",
 }
 
 
@@ -151,6 +152,9 @@ class Settings(BaseModel):
     # Server mode: longest a request may take, queue wait included (RunPod
     # load-balancing endpoints give a request 5.5 minutes).
     request_timeout_s: float = Field(default=330.0, ge=1, le=24 * 3600)
+    # Server mode: how long a client may take to send a request's line and
+    # headers (from connecting, or from a keep-alive connection's next request).
+    header_timeout_s: float = Field(default=15.0, ge=1, le=300)
 
     @field_validator("stream_chunk_tokens", mode="before")
     @classmethod

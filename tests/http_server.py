@@ -10,6 +10,7 @@ import uvicorn
 
 from chatterbox_worker.config import load_settings
 from chatterbox_worker.server import create_app
+from chatterbox_worker.server.protocol import uvicorn_config
 from chatterbox_worker.service import Service
 from chatterbox_worker.voices import VoiceStore
 
@@ -37,7 +38,7 @@ class ServedApp:
         self.port = sockets[0].getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.health_url = (f"http://127.0.0.1:{self.core.health_port}" if health_port else None)
-        config = uvicorn.Config(self.app, log_level="warning", ws_max_size=2 * 1024 * 1024)
+        config = uvicorn_config(self.app, self.settings, log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": sockets},
                                        name="uvicorn", daemon=True)

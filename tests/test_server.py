@@ -700,9 +700,9 @@ def endless_after_first_chunk(engine, monkeypatch):
 
 @pytest.fixture
 def deadline_app(engine, settings_env, tmp_path):
-    """One slot, REQUEST_TIMEOUT_S of 3 s."""
+    """One slot, REQUEST_TIMEOUT_S of 3 s, HEADER_TIMEOUT_S of 1 s."""
     app = ServedApp({**settings_env, "VOICES_DIR": str(tmp_path), "MAX_CONCURRENCY": "1",
-                     "REQUEST_TIMEOUT_S": "3"}, service_loader(engine))
+                     "REQUEST_TIMEOUT_S": "3", "HEADER_TIMEOUT_S": "1"}, service_loader(engine))
     app.wait_ready()
     yield app
     app.stop()
@@ -764,3 +764,71 @@ def test_a_body_that_never_finishes_arriving_is_504_at_the_deadline(deadline_app
         answer = dripping.recv(4096)
     assert answer.startswith(b"HTTP/1.1 504 "), answer[:200]
     assert b'"code":"timeout"' in answer and time.monotonic() - started < 25
+
+
+def closed_after(sock: socket.socket, drip: bytes = b"", every_s: float = 0.2,
+                 limit_s: float = 20) -> float:
+    """Seconds until the server closes ``sock``, sending ``drip`` one byte every ``every_s``."""
+    started = time.monotonic()
+    sock.settimeout(every_s)
+    sent = 0
+    while time.monotonic() - started < limit_s:
+        try:
+            if sock.recv(4096) == b"":
+                return time.monotonic() - started
+        except socket.timeout:
+            pass
+        except ConnectionResetError:
+            return time.monotonic() - started
+        if sent < len(drip):
+            try:
+                sock.send(drip[sent:sent + 1])
+            except (BrokenPipeError, ConnectionResetError):
+                return time.monotonic() - started
+            sent += 1
+    raise AssertionError(f"still open after {limit_s} s")
+
+
+@pytest.mark.parametrize("drip", [b"", b"GET /ping HTTP/1.1\r\nHost: test\r\nX-Slow: " + b"a" * 200],
+                         ids=["silent", "dripping"])
+def test_request_headers_that_do_not_arrive_in_time_close_the_connection(deadline_app, drip):
+    """A client that connects and sends nothing, or drips its headers a byte at a time, is
+    dropped at HEADER_TIMEOUT_S (1 s here): before, uvicorn held it for as long as it liked,
+    one file descriptor each, until a bare Pod could accept no one."""
+    with socket.create_connection(("127.0.0.1", deadline_app.port)) as sock:
+        assert 0.8 < closed_after(sock, drip) < 10
+
+
+def test_the_header_deadline_applies_to_a_keep_alive_connections_next_request(deadline_app):
+    with socket.create_connection(("127.0.0.1", deadline_app.port)) as sock:
+        sock.sendall(b"GET /ping HTTP/1.1\r\nHost: test\r\n\r\n")
+        sock.settimeout(10)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200 ")
+        assert 0.8 < closed_after(sock, b"GET /ping HTTP/1.1\r\nHost: te") < 10
+
+
+def test_the_header_deadline_spares_slow_bodies_and_open_websockets(deadline_app):
+    """Once the headers are in, the deadline is REQUEST_TIMEOUT_S's (3 s here), not the
+    header deadline's (1 s): a body that takes 2 s is served, and so is a WebSocket whose
+    request comes 1.5 s after it opened."""
+    from websockets.sync.client import connect
+
+    body = json.dumps({"text": "Slow body.", "seed": 3, "format": "wav"}).encode()
+    with socket.create_connection(("127.0.0.1", deadline_app.port)) as sock:
+        sock.sendall(b"POST /tts/generate HTTP/1.1\r\nHost: test\r\nContent-Type: application/json"
+                     b"\r\nContent-Length: %d\r\n\r\n" % len(body))
+        for i in range(0, len(body), 8):
+            time.sleep(2 / (len(body) / 8))
+            sock.sendall(body[i:i + 8])
+        sock.settimeout(30)
+        assert sock.recv(64).startswith(b"HTTP/1.1 200 ")
+    with connect(f"ws://127.0.0.1:{deadline_app.port}/tts/stream", open_timeout=10) as ws:
+        time.sleep(1.5)
+        ws.send(json.dumps({"text": "Late request.", "seed": 4, "format": "pcm_s16le"}))
+        messages = []
+        while True:
+            message = ws.recv(timeout=60)
+            messages.append(message)
+            if isinstance(message, str):
+                break
+    assert json.loads(messages[-1])["type"] == "result" and len(messages) > 1

@@ -2,7 +2,7 @@
 
 Listens on ``HOST``:``PORT`` (and ``PORT_HEALTH`` when set and different, for
 ``/ping`` and ``/health`` only). On SIGTERM it stops accepting, lets running
-requests finish for up to ``GRACE_S``, then exits.
+requests finish for up to ``protocol.GRACE_S``, then exits.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from typing import List, Optional
 from ..config import Settings, load_settings
 from ..errors import ConfigError
 
-GRACE_S = 30  # SIGTERM: how long running requests may finish
 
 
 def is_loopback(host: str) -> bool:
@@ -47,7 +46,8 @@ def bind(host: str, port: int) -> socket.socket:
 def main(argv: Optional[List[str]] = None) -> int:
     import uvicorn
 
-    from .app import MAX_JSON_BODY, create_app
+    from .app import create_app
+    from .protocol import uvicorn_config
 
     try:
         settings = load_settings()
@@ -72,8 +72,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     app = create_app(settings)
     if separate_health:
         app.state.core.health_port = settings.port_health
-    config = uvicorn.Config(app, log_level=settings.log_level.lower(), ws_max_size=MAX_JSON_BODY,
-                            timeout_graceful_shutdown=GRACE_S, proxy_headers=False)
+    config = uvicorn_config(app, settings)
     logging.getLogger("chatterbox_worker.server").info(
         "listening on %s port %s%s; loading the model", settings.host, settings.port,
         f" (health on {settings.port_health})" if separate_health else "")

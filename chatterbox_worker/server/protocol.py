@@ -1,0 +1,89 @@
+"""How uvicorn serves the app: its configuration, and HTTP/1.1 with a deadline on request headers.
+
+uvicorn bounds an idle keep-alive connection, a request body (through the
+app's ``REQUEST_TIMEOUT_S``) and a WebSocket's messages, but not the time a
+client may take to send a request's line and headers: a connection that
+sends nothing, or drips a header a byte at a time, is held for as long as
+the client likes. Each holds a socket and a file descriptor (no synthesis
+slot), so a few thousand of them lock every client out of a bare Pod.
+``HeaderDeadline`` closes a connection whose request headers are not
+complete within ``HEADER_TIMEOUT_S`` of its first byte being awaited: when
+the connection opens, and when a keep-alive connection starts its next
+request. A reverse proxy with its own header timeout (RunPod's proxy in
+front of a load-balancing endpoint) makes this a second line, not the only
+one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Optional
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from ..config import Settings
+from .app import MAX_JSON_BODY
+
+GRACE_S = 30  # SIGTERM: how long running requests may finish
+
+
+class HeaderDeadline(H11Protocol):
+    """uvicorn's h11 protocol, closing a connection whose request headers take too long."""
+
+    header_timeout_s: float = 15.0  # set per server by ``protocol_with_header_timeout``
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        self._header_timer: Optional[asyncio.TimerHandle] = None
+        super().connection_made(transport)
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        # h11 reports the client IDLE until a request's headers are complete
+        # (and again once a keep-alive connection starts its next request).
+        # A WebSocket upgrade hands the transport to another protocol: the
+        # client is then past IDLE here and the timer is cancelled.
+        if self.conn.their_state is h11.IDLE:
+            self._arm()
+        else:
+            self._disarm()
+
+    def connection_lost(self, exc) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        if self._header_timer is None:
+            self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
+
+    def _disarm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.logger.info("closed a connection whose request headers took longer than "
+                             "HEADER_TIMEOUT_S (%g s)", self.header_timeout_s)
+            self.transport.close()
+
+
+def protocol_with_header_timeout(seconds: float) -> type:
+    """``HeaderDeadline`` with its deadline (a class: uvicorn makes one protocol per connection)."""
+    return type("HeaderDeadline", (HeaderDeadline,), {"header_timeout_s": float(seconds)})
+
+
+def uvicorn_config(app, settings: Settings, **overrides):
+    """The uvicorn configuration the server runs with (tests serve the app with it too)."""
+    import uvicorn
+
+    options = dict(log_level=settings.log_level.lower(), ws_max_size=MAX_JSON_BODY,
+                   timeout_graceful_shutdown=GRACE_S, proxy_headers=False,
+                   http=protocol_with_header_timeout(settings.header_timeout_s))
+    options.update(overrides)
+    return uvicorn.Config(app, **options)
+
+
+__all__ = ["GRACE_S", "HeaderDeadline", "protocol_with_header_timeout", "uvicorn_config"]
