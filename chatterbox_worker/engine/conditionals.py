@@ -69,6 +69,13 @@ class VoiceConditionals:
         return t3_cond, gen
 
 
+# Longest T3 prompt a voice file may hold: 20 s of speech tokens. Upstream's
+# are 150 (original, multilingual) and 375 (turbo). Turbo's T3 reads the prompt
+# whole, so a longer one would crowd out the speech in the fast decoder's 2048
+# positions (or exceed GPT-2's), failing every job that used the voice.
+MAX_T3_PROMPT_TOKENS = 500
+
+
 def check_tensors(tensors: Dict[str, object], *, max_prompt_tokens: int = 4096) -> None:
     """Raise ``ValueError`` naming the first tensor whose presence, dtype or shape is wrong."""
     for name, (dtype, shape) in TENSOR_SPEC.items():
@@ -82,9 +89,13 @@ def check_tensors(tensors: Dict[str, object], *, max_prompt_tokens: int = 4096) 
             raise ValueError(f"'{name}' has shape {tuple(value.shape)}, expected {shape}")
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise ValueError(f"'{name}' holds NaN or infinite values")
+    t3_prompt = tensors["cond_prompt_speech_tokens"].shape[1]
+    if t3_prompt > MAX_T3_PROMPT_TOKENS:
+        raise ValueError(f"'cond_prompt_speech_tokens' has {t3_prompt} tokens; at most "
+                         f"{MAX_T3_PROMPT_TOKENS} (upstream's voices have 150, turbo's 375)")
     tokens = tensors["prompt_token"]
     if tokens.shape[1] == 0 or tokens.shape[1] > max_prompt_tokens:
-        raise ValueError(f"'prompt_token' has {tokens.shape[1]} tokens")
+        raise ValueError(f"'prompt_token' has {tokens.shape[1]} tokens; 1 to {max_prompt_tokens}")
     if int(tensors["prompt_token_len"][0]) != tokens.shape[1]:
         raise ValueError("'prompt_token_len' does not match 'prompt_token'")
     if tensors["prompt_feat"].shape[1] != 2 * tokens.shape[1]:
