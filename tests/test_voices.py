@@ -82,7 +82,7 @@ def test_malformed_files_are_refused_before_use(overrides, needle):
     ("prompt_token", torch.full((1, 100), 9000), "outside the speech vocabulary"),
     ("prompt_token_len", torch.tensor([99]), "does not match"),
     ("cond_prompt_speech_tokens", torch.zeros(1, 501, dtype=torch.long), "501 tokens; at most 500"),
-    ("prompt_token", torch.zeros(1, 0, dtype=torch.long), "0 tokens; 1 to 4096"),
+    ("prompt_token", torch.zeros(1, 0, dtype=torch.long), "0 tokens; 1 to 1000"),
 ])
 def test_bad_tensors_are_refused(name, value, needle):
     tensors = conditionals(0).tensors()

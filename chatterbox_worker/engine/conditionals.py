@@ -74,9 +74,13 @@ class VoiceConditionals:
 # whole, so a longer one would crowd out the speech in the fast decoder's 2048
 # positions (or exceed GPT-2's), failing every job that used the voice.
 MAX_T3_PROMPT_TOKENS = 500
+# Longest S3Gen prompt: 40 s (upstream's is 10 s, 250 tokens). Every vocoder
+# call of a one-shot take attends over the whole prompt, so a longer one
+# multiplies each job's vocoder time and memory for whoever uses the voice.
+MAX_S3GEN_PROMPT_TOKENS = 1000
 
 
-def check_tensors(tensors: Dict[str, object], *, max_prompt_tokens: int = 4096) -> None:
+def check_tensors(tensors: Dict[str, object], *, max_prompt_tokens: int = MAX_S3GEN_PROMPT_TOKENS) -> None:
     """Raise ``ValueError`` naming the first tensor whose presence, dtype or shape is wrong."""
     for name, (dtype, shape) in TENSOR_SPEC.items():
         value = tensors.get(name)
