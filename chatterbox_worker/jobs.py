@@ -161,7 +161,7 @@ class JobRunner:
         else:
             self._check_inline_size(request)
         summary.voice = request.voice_id or "builtin"
-        synthesis = self.service.synthesis_request(request)
+        synthesis = self.service.synthesis_request(request, label=f"job={summary.job_id}")
         if request.stream:
             yield from self._stream(job, request, self.service.stream(request, synthesis=synthesis),
                                     summary)

@@ -199,14 +199,15 @@ class Service:
         except ValueError as exc:
             raise InvalidInput(str(exc)) from None
 
-    def synthesis_request(self, request: GenerateRequest) -> SynthesisRequest:
-        """The engine's request: the voice loaded, the seed chosen (reported back to the client)."""
+    def synthesis_request(self, request: GenerateRequest, *, label: str = "") -> SynthesisRequest:
+        """The engine's request: the voice loaded, the seed chosen (reported back to the client).
+        ``label`` names the job or HTTP request in the engine's log lines."""
         values = self.sampling(request)
         voice = self._voice(request.voice_id)
         seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
         return SynthesisRequest(
             text=request.text, voice=voice, seed=seed, exaggeration=float(values["exaggeration"]),
-            language=request.language,
+            language=request.language, label=label,
             sampling=SamplingParams(temperature=float(values["temperature"]),
                                     cfg_weight=float(values["cfg_weight"]),
                                     top_p=float(values["top_p"]), top_k=int(values["top_k"]),
@@ -235,10 +236,10 @@ class Service:
                     duration_s=made.duration_s, seed=synthesis.seed, voice_id=request.voice_id,
                     started=started)
 
-    def stream(self, request: GenerateRequest, *,
-               synthesis: Optional[SynthesisRequest] = None) -> AudioStream:
+    def stream(self, request: GenerateRequest, *, synthesis: Optional[SynthesisRequest] = None,
+               label: str = "") -> AudioStream:
         """The take's encoded audio as it is made."""
-        synthesis = synthesis or self.synthesis_request(request)
+        synthesis = synthesis or self.synthesis_request(request, label=label)
         return AudioStream(self.engine, request, synthesis, self.schedule, self._busy)
 
     # -- voices -------------------------------------------------------------

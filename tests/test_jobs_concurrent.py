@@ -107,7 +107,7 @@ def fast_engine(settings_env):
 
 
 def test_out_of_memory_fails_the_job_with_advice_and_the_next_job_succeeds(fast_engine, tmp_path,
-                                                                          monkeypatch):
+                                                                          monkeypatch, caplog):
     from chatterbox_worker.engine.fast_decode import FastDecoder
 
     settings = load_settings({"VOICES_DIR": str(tmp_path / "voices"), "MAX_CONCURRENCY": "3"})
@@ -128,10 +128,15 @@ def test_out_of_memory_fails_the_job_with_advice_and_the_next_job_succeeds(fast_
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(FastDecoder, "_step_body", no_memory)
+    caplog.set_level("WARNING", logger="chatterbox_worker")
     failed = asyncio.run(collect(runner, job, "oom"))
     assert calls and len(failed) == 1, failed
     assert failed[0]["error"].startswith("internal_error: the GPU ran out of memory"), failed
     assert "MAX_CONCURRENCY" in failed[0]["error"]
+    # The engine's own lines name the job too (the scheduler's thread knows no job otherwise).
+    engine_lines = [r.getMessage() for r in caplog.records if r.name.startswith("chatterbox_worker.engine")]
+    assert any("dropping the newest (job=oom)" in m for m in engine_lines), engine_lines
+    assert any(m.startswith("job=oom: its decode request failed alone") for m in engine_lines), engine_lines
     monkeypatch.setattr(FastDecoder, "_step_body", body)
     after = asyncio.run(collect(runner, job, "after"))
     assert after[-1]["type"] == "result" and after[-1]["duration_s"] > 0

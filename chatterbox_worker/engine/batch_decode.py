@@ -54,6 +54,7 @@ class DecodeRequest:
     params: SamplingParams
     max_new_tokens: int
     generator: torch.Generator
+    label: str = ""  # who asked ("job=..." or "request=..."), for the worker's log lines
 
 
 class StepEvent(NamedTuple):

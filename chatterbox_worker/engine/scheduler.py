@@ -187,7 +187,8 @@ class Scheduler:
                     if stream is None:
                         continue
                     if event.error is not None:
-                        log.error("a decode request failed alone: %s", event.error)
+                        log.error("%s: its decode request failed alone: %s",
+                                  event.request.label or "a request", event.error)
                         puts.append((stream, _Failure(event.error)))
                         del streams[event.request]
                         continue

@@ -47,6 +47,7 @@ class SynthesisRequest:
     exaggeration: float = 0.5
     sampling: SamplingParams = field(default_factory=SamplingParams)
     language: str = "en"  # one of the served variant's languages (checked by the service)
+    label: str = ""  # who asked ("job=..." or "request=..."), for the worker's log lines
 
 
 @dataclass
@@ -225,7 +226,7 @@ class Engine:
         budget = max_tokens or token_budget(piece, request.language)
         return self.scheduler.submit(DecodeRequest(t3_cond=t3_cond, text_tokens=text_tokens,
                                                    params=request.sampling, max_new_tokens=budget,
-                                                   generator=generator))
+                                                   generator=generator, label=request.label))
 
     @property
     def scheduler(self) -> Scheduler:
