@@ -700,9 +700,9 @@ def endless_after_first_chunk(engine, monkeypatch):
 
 @pytest.fixture
 def deadline_app(engine, settings_env, tmp_path):
-    """One slot, REQUEST_TIMEOUT_S of 3 s, HEADER_TIMEOUT_S of 1 s."""
+    """One slot, REQUEST_TIMEOUT_S of 3 s."""
     app = ServedApp({**settings_env, "VOICES_DIR": str(tmp_path), "MAX_CONCURRENCY": "1",
-                     "REQUEST_TIMEOUT_S": "3", "HEADER_TIMEOUT_S": "1"}, service_loader(engine))
+                     "REQUEST_TIMEOUT_S": "3"}, service_loader(engine))
     app.wait_ready()
     yield app
     app.stop()
@@ -766,6 +766,16 @@ def test_a_body_that_never_finishes_arriving_is_504_at_the_deadline(deadline_app
     assert b'"code":"timeout"' in answer and time.monotonic() - started < 25
 
 
+@pytest.fixture(scope="module")
+def header_app(engine, settings_env, tmp_path_factory):
+    """HEADER_TIMEOUT_S of 2 s; REQUEST_TIMEOUT_S of 60 s, far from any step of these tests."""
+    app = ServedApp({**settings_env, "VOICES_DIR": str(tmp_path_factory.mktemp("header-voices")),
+                     "REQUEST_TIMEOUT_S": "60", "HEADER_TIMEOUT_S": "2"}, service_loader(engine))
+    app.wait_ready()
+    yield app
+    app.stop()
+
+
 def closed_after(sock: socket.socket, drip: bytes = b"", every_s: float = 0.2,
                  limit_s: float = 20) -> float:
     """Seconds until the server closes ``sock``, sending ``drip`` one byte every ``every_s``."""
@@ -791,39 +801,39 @@ def closed_after(sock: socket.socket, drip: bytes = b"", every_s: float = 0.2,
 
 @pytest.mark.parametrize("drip", [b"", b"GET /ping HTTP/1.1\r\nHost: test\r\nX-Slow: " + b"a" * 200],
                          ids=["silent", "dripping"])
-def test_request_headers_that_do_not_arrive_in_time_close_the_connection(deadline_app, drip):
+def test_request_headers_that_do_not_arrive_in_time_close_the_connection(header_app, drip):
     """A client that connects and sends nothing, or drips its headers a byte at a time, is
-    dropped at HEADER_TIMEOUT_S (1 s here): before, uvicorn held it for as long as it liked,
+    dropped at HEADER_TIMEOUT_S (2 s here): before, uvicorn held it for as long as it liked,
     one file descriptor each, until a bare Pod could accept no one."""
-    with socket.create_connection(("127.0.0.1", deadline_app.port)) as sock:
-        assert 0.8 < closed_after(sock, drip) < 10
+    with socket.create_connection(("127.0.0.1", header_app.port)) as sock:
+        assert 1.8 < closed_after(sock, drip) < 10
 
 
-def test_the_header_deadline_applies_to_a_keep_alive_connections_next_request(deadline_app):
-    with socket.create_connection(("127.0.0.1", deadline_app.port)) as sock:
+def test_the_header_deadline_applies_to_a_keep_alive_connections_next_request(header_app):
+    with socket.create_connection(("127.0.0.1", header_app.port)) as sock:
         sock.sendall(b"GET /ping HTTP/1.1\r\nHost: test\r\n\r\n")
         sock.settimeout(10)
         assert sock.recv(4096).startswith(b"HTTP/1.1 200 ")
-        assert 0.8 < closed_after(sock, b"GET /ping HTTP/1.1\r\nHost: te") < 10
+        assert 1.8 < closed_after(sock, b"GET /ping HTTP/1.1\r\nHost: te") < 10
 
 
-def test_the_header_deadline_spares_slow_bodies_and_open_websockets(deadline_app):
-    """Once the headers are in, the deadline is REQUEST_TIMEOUT_S's (3 s here), not the
-    header deadline's (1 s): a body that takes 2 s is served, and so is a WebSocket whose
-    request comes 1.5 s after it opened."""
+def test_the_header_deadline_spares_slow_bodies_and_open_websockets(header_app):
+    """Once the headers are in, the deadline is REQUEST_TIMEOUT_S's (60 s here), not the
+    header deadline's (2 s): a body that takes 3 s is served, and so is a WebSocket whose
+    request comes 3 s after it opened."""
     from websockets.sync.client import connect
 
     body = json.dumps({"text": "Slow body.", "seed": 3, "format": "wav"}).encode()
-    with socket.create_connection(("127.0.0.1", deadline_app.port)) as sock:
+    with socket.create_connection(("127.0.0.1", header_app.port)) as sock:
         sock.sendall(b"POST /tts/generate HTTP/1.1\r\nHost: test\r\nContent-Type: application/json"
                      b"\r\nContent-Length: %d\r\n\r\n" % len(body))
         for i in range(0, len(body), 8):
-            time.sleep(2 / (len(body) / 8))
+            time.sleep(3 / (len(body) / 8))
             sock.sendall(body[i:i + 8])
         sock.settimeout(30)
         assert sock.recv(64).startswith(b"HTTP/1.1 200 ")
-    with connect(f"ws://127.0.0.1:{deadline_app.port}/tts/stream", open_timeout=10) as ws:
-        time.sleep(1.5)
+    with connect(f"ws://127.0.0.1:{header_app.port}/tts/stream", open_timeout=10) as ws:
+        time.sleep(3)
         ws.send(json.dumps({"text": "Late request.", "seed": 4, "format": "pcm_s16le"}))
         messages = []
         while True:
@@ -832,3 +842,24 @@ def test_the_header_deadline_spares_slow_bodies_and_open_websockets(deadline_app
             if isinstance(message, str):
                 break
     assert json.loads(messages[-1])["type"] == "result" and len(messages) > 1
+
+
+def test_a_body_still_coming_after_its_answer_gets_the_header_deadline_to_finish(header_app):
+    """Answered early (404 here; 401 and 413 alike), a client that keeps sending the body it
+    announced is closed HEADER_TIMEOUT_S later: uvicorn waited for the rest for ever, past
+    every deadline, since the body's first byte cancels its keep-alive timer. One that
+    finishes its body in time keeps its connection."""
+    with socket.create_connection(("127.0.0.1", header_app.port)) as sock:
+        sock.sendall(b"POST /nowhere HTTP/1.1\r\nHost: test\r\nContent-Length: 100000\r\n\r\n")
+        sock.settimeout(10)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 404 ")
+        assert 1.8 < closed_after(sock, b"a" * 1000, every_s=0.1) < 10
+    with socket.create_connection(("127.0.0.1", header_app.port)) as sock:
+        sock.sendall(b"POST /nowhere HTTP/1.1\r\nHost: test\r\nContent-Length: 10\r\n\r\n")
+        sock.settimeout(10)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 404 ")
+        time.sleep(1)
+        sock.sendall(b"0123456789")  # all in within the deadline: the answered request is done
+        time.sleep(1.5)  # past the 2 s the body had; short of the next request's header deadline
+        sock.sendall(b"GET /ping HTTP/1.1\r\nHost: test\r\n\r\n")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200 ")

@@ -83,6 +83,12 @@ def test_malformed_files_are_refused_before_use(overrides, needle):
     ("prompt_token_len", torch.tensor([99]), "does not match"),
     ("cond_prompt_speech_tokens", torch.zeros(1, 501, dtype=torch.long), "501 tokens; at most 500"),
     ("prompt_token", torch.zeros(1, 0, dtype=torch.long), "0 tokens; 1 to 1000"),
+    ("speaker_emb", torch.full((1, 256), 3e38), "beyond"),
+    ("prompt_feat", torch.full((1, 200, 80), -2e4), "beyond"),
+    ("speaker_emb", torch.zeros(1, 256).to_sparse(), "not a plain tensor"),
+    ("cond_prompt_speech_tokens", torch.zeros(1, 150, dtype=torch.long).to_sparse(),
+     "not a plain tensor"),
+    ("speaker_emb", torch.empty(1, 256, device="meta"), "not a plain tensor"),
 ])
 def test_bad_tensors_are_refused(name, value, needle):
     tensors = conditionals(0).tensors()

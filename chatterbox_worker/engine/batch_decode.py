@@ -57,6 +57,9 @@ class DecodeRequest:
     label: str = ""  # who asked ("job=..." or "request=..."), for the worker's log lines
 
 
+FAILED = object()  # ``RequestBook._pick``: the request's sampling failed and it has left
+
+
 class StepEvent(NamedTuple):
     """What one step did for one request."""
 
@@ -93,6 +96,7 @@ class RequestBook:
         self._joining: list = []
         self._running: list = []
         self._by_request: Dict[DecodeRequest, object] = {}
+        self._failed: List[StepEvent] = []  # requests that failed alone, reported by the next step
 
     def __len__(self) -> int:
         return len(self._by_request)
@@ -111,13 +115,37 @@ class RequestBook:
     def _advance(self) -> None:
         """The forward half of a step: who joined is prefilled (each alone, as the
         single-request loop does), then one forward runs every pending token."""
-        for seq in self._joining:
-            self._prefill(seq)
+        for seq in list(self._joining):
+            try:
+                self._prefill(seq)
+            except Exception as exc:  # this request's own prompt: it fails alone
+                self._fail(seq, exc)
         self._running.extend(self._joining)
         self._joining = []
         waiting = [seq for seq in self._running if seq.pending is not None]
         if waiting:
             self._forward(waiting)
+
+    def _fail(self, seq, exc: BaseException) -> None:
+        """``seq``'s request leaves the decoder with ``exc``; the others go on."""
+        self._failed.append(StepEvent(seq.request, None, True, exc))
+        self.remove(seq.request)
+
+    def _pick(self, seq):
+        """The request's next token from its logits, or ``FAILED`` when its sampling raised.
+
+        Rows are sampled one by one, so a row that cannot be (logits gone
+        non-finite: ``torch.multinomial`` refuses them) fails its own request
+        rather than the step of every request beside it."""
+        try:
+            return seq.sampler.pick(seq.logits)
+        except RuntimeError as exc:
+            self._fail(seq, exc)
+            return FAILED
+
+    def _failures(self) -> List[StepEvent]:
+        failed, self._failed = self._failed, []
+        return failed
 
     def remove(self, request: DecodeRequest) -> bool:
         """Drop ``request`` now (cancellation) and free its KV cache; False if it was not running."""
@@ -162,7 +190,9 @@ class BatchDecoder(RequestBook):
                 events.append(StepEvent(request, None, True))
                 self.remove(request)
                 continue
-            next_token = seq.sampler.pick(seq.logits)
+            next_token = self._pick(seq)
+            if next_token is FAILED:
+                continue
             seq.logits = None
             token = int(next_token)
             if token == stop:
@@ -179,7 +209,7 @@ class BatchDecoder(RequestBook):
             embed = speech_embedding(self.t3, next_token, seq.steps - 1)
             seq.pending = embed.expand(seq.rows, -1, -1)
             events.append(StepEvent(request, token, False))
-        return events
+        return self._failures() + events
 
     def _prefill(self, seq: _Sequence) -> None:
         """The request's prompt through T3 alone, exactly as ``decode_speech_tokens`` does it."""

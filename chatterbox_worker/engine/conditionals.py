@@ -78,6 +78,11 @@ MAX_T3_PROMPT_TOKENS = 500
 # call of a one-shot take attends over the whole prompt, so a longer one
 # multiplies each job's vocoder time and memory for whoever uses the voice.
 MAX_S3GEN_PROMPT_TOKENS = 1000
+# Largest magnitude of a voice's float values. The voice encoder's embedding is
+# unit length, log-mel frames lie within about -12 .. 5; values near float32's
+# limit (finite, so past the NaN check) overflowed T3 into NaN logits and every
+# job using the voice failed (turbo from about 1e20, the original near 1e38).
+MAX_MAGNITUDE = 1e4
 
 
 def check_tensors(tensors: Dict[str, object], *, max_prompt_tokens: int = MAX_S3GEN_PROMPT_TOKENS) -> None:
@@ -93,6 +98,8 @@ def check_tensors(tensors: Dict[str, object], *, max_prompt_tokens: int = MAX_S3
             raise ValueError(f"'{name}' has shape {tuple(value.shape)}, expected {shape}")
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise ValueError(f"'{name}' holds NaN or infinite values")
+        if value.is_floating_point() and value.numel() and value.abs().max() > MAX_MAGNITUDE:
+            raise ValueError(f"'{name}' holds values beyond +-{MAX_MAGNITUDE:g}")
     t3_prompt = tensors["cond_prompt_speech_tokens"].shape[1]
     if t3_prompt > MAX_T3_PROMPT_TOKENS:
         raise ValueError(f"'cond_prompt_speech_tokens' has {t3_prompt} tokens; at most "

@@ -31,7 +31,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.gpt2.modeling_gpt2 import eager_attention_forward
 
-from .batch_decode import DecodeRequest, RequestBook, StepEvent
+from .batch_decode import FAILED, DecodeRequest, RequestBook, StepEvent
 from .turbo import TurboSampler, prefill_inputs
 
 
@@ -69,7 +69,9 @@ class TurboBatchDecoder(RequestBook):
                 events.append(StepEvent(request, None, True))
                 self.remove(request)
                 continue
-            token = seq.sampler.pick(seq.logits)
+            token = self._pick(seq)
+            if token is FAILED:
+                continue
             seq.logits = None
             # As upstream: the first token is kept whatever it is.
             if token is None or (seq.steps > 0 and int(token) == stop):
@@ -83,7 +85,7 @@ class TurboBatchDecoder(RequestBook):
                 self.remove(request)
             else:
                 seq.pending = token
-        return events
+        return self._failures() + events
 
     def _prefill(self, seq: _Sequence) -> None:
         t3, request = self.t3, seq.request

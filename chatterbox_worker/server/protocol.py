@@ -9,7 +9,10 @@ slot), so a few thousand of them lock every client out of a bare Pod.
 ``HeaderDeadline`` closes a connection whose request headers are not
 complete within ``HEADER_TIMEOUT_S`` of its first byte being awaited: when
 the connection opens, and when a keep-alive connection starts its next
-request. A reverse proxy with its own header timeout (RunPod's proxy in
+request. And a request answered before its body was read (401, 404, 413, a
+504 at the deadline) leaves the client ``HEADER_TIMEOUT_S`` to finish
+sending that body: uvicorn would otherwise wait for the rest for ever,
+since the body's first byte cancels its keep-alive timer. A reverse proxy with its own header timeout (RunPod's proxy in
 front of a load-balancing endpoint) makes this a second line, not the only
 one.
 """
@@ -35,6 +38,7 @@ class HeaderDeadline(H11Protocol):
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         self._header_timer: Optional[asyncio.TimerHandle] = None
+        self._leftover_timer: Optional[asyncio.TimerHandle] = None
         super().connection_made(transport)
         self._arm()
 
@@ -48,9 +52,21 @@ class HeaderDeadline(H11Protocol):
             self._arm()
         else:
             self._disarm()
+        if self._leftover_timer is not None and self.conn.their_state is not h11.SEND_BODY:
+            self._leftover_timer.cancel()  # the answered request's body is all in
+            self._leftover_timer = None
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if (self.conn.their_state is h11.SEND_BODY and self._leftover_timer is None
+                and not self.transport.is_closing()):
+            self._leftover_timer = self.loop.call_later(self.header_timeout_s, self._body_too_slow)
 
     def connection_lost(self, exc) -> None:
         self._disarm()
+        if self._leftover_timer is not None:
+            self._leftover_timer.cancel()
+            self._leftover_timer = None
         super().connection_lost(exc)
 
     def _arm(self) -> None:
@@ -65,8 +81,18 @@ class HeaderDeadline(H11Protocol):
     def _headers_too_slow(self) -> None:
         self._header_timer = None
         if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-            self.logger.info("closed a connection whose request headers took longer than "
-                             "HEADER_TIMEOUT_S (%g s)", self.header_timeout_s)
+            self.logger.info("closed a connection from %s whose request headers took longer "
+                             "than HEADER_TIMEOUT_S (%g s)", self._peer(), self.header_timeout_s)
+            self.transport.close()
+
+    def _peer(self) -> str:
+        return "%s:%d" % tuple(self.client[:2]) if self.client else "an unknown address"
+
+    def _body_too_slow(self) -> None:
+        self._leftover_timer = None
+        if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():
+            self.logger.info("closed a connection from %s still sending the body of a request "
+                             "answered %g s ago", self._peer(), self.header_timeout_s)
             self.transport.close()
 
 

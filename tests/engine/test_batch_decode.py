@@ -189,3 +189,29 @@ def test_zero_budget_and_misuse(model, voices, seen):
     assert event.request is request and event.token is None and event.done
     assert len(decoder) == 0 and not decoder.remove(request)
     assert decoder.step() == []
+
+
+def test_a_request_whose_logits_go_non_finite_fails_alone(model, voices, seen):
+    """A voice with a huge (finite) speaker embedding makes its own logits NaN and
+    ``torch.multinomial`` refuses them: that request fails, and the one beside it keeps
+    every token it gets alone. Before, the error left ``step`` and failed both."""
+    import dataclasses
+
+    expected = alone(model, voices, seen, GUIDED)
+    voices = {**voices, "huge": dataclasses.replace(
+        voices["builtin"], speaker_emb=torch.full_like(voices["builtin"].speaker_emb, 3e38))}
+    poisoned = Job("This voice cannot be sampled.", "huge", SamplingParams(), seed=3)
+    decoder = BatchDecoder(model.t3)
+    requests = {job: request_for(model, voices, job) for job in (GUIDED, poisoned)}
+    for request in requests.values():
+        decoder.add(request)
+    tokens, errors = [], []
+    while len(decoder):
+        for event in decoder.step():
+            if event.request is requests[poisoned]:
+                errors.append(event.error)
+                assert event.done and event.token is None
+            elif event.token is not None:
+                tokens.append(event.token)
+    assert len(errors) == 1 and isinstance(errors[0], RuntimeError), errors
+    assert tokens == expected[0]

@@ -282,6 +282,42 @@ def test_batched_tokens_equal_alone(turbo_engine, monkeypatch):
         assert all(torch.equal(a, b) for a, b in zip(logits, alone_logits[i]))
 
 
+def test_a_request_whose_logits_go_non_finite_fails_alone(turbo_engine):
+    """Turbo's T3 overflows from a speaker embedding near 1e20: that request's sampling
+    fails, and it alone; the one beside it gets the tokens it gets alone."""
+    import dataclasses
+
+    from chatterbox_worker.engine.batch_decode import DecodeRequest
+    from chatterbox_worker.engine.turbo_batch import TurboBatchDecoder
+
+    model = turbo_engine.model
+    voice = turbo_engine.builtin_voice
+    huge = dataclasses.replace(voice, speaker_emb=torch.full_like(voice.speaker_emb, 3e38))
+
+    def request(conditionals, seed):
+        t3_cond, _ = conditionals.for_request(0.0)
+        return DecodeRequest(t3_cond=t3_cond, text_tokens=turbo.text_tokens(model.tokenizer, TEXT),
+                             params=turbo_params(), max_new_tokens=30,
+                             generator=torch.Generator().manual_seed(seed))
+
+    plain = request(voice, 7)
+    expected = list(turbo.decode_turbo_tokens(model, plain.t3_cond, plain.text_tokens, plain.params,
+                                              max_new_tokens=30, generator=plain.generator))
+    good, bad = request(voice, 7), request(huge, 8)
+    decoder = TurboBatchDecoder(model.t3)
+    decoder.add(good)
+    decoder.add(bad)
+    tokens, errors = [], []
+    while len(decoder):
+        for event in decoder.step():
+            if event.request is bad:
+                errors.append(event.error)
+            elif event.token is not None:
+                tokens.append(event.token)
+    assert len(errors) == 1 and isinstance(errors[0], RuntimeError), errors
+    assert tokens == expected
+
+
 # -- the engine serving turbo ---------------------------------------------------
 
 def turbo_request(engine, text=TEXT, seed=3, voice=None):
