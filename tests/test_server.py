@@ -770,7 +770,8 @@ def test_a_body_that_never_finishes_arriving_is_504_at_the_deadline(deadline_app
 def header_app(engine, settings_env, tmp_path_factory):
     """HEADER_TIMEOUT_S of 2 s; REQUEST_TIMEOUT_S of 60 s, far from any step of these tests."""
     app = ServedApp({**settings_env, "VOICES_DIR": str(tmp_path_factory.mktemp("header-voices")),
-                     "REQUEST_TIMEOUT_S": "60", "HEADER_TIMEOUT_S": "2"}, service_loader(engine))
+                     "REQUEST_TIMEOUT_S": "60", "HEADER_TIMEOUT_S": "2", "API_KEY": KEY},
+                    service_loader(engine))
     app.wait_ready()
     yield app
     app.stop()
@@ -819,20 +820,21 @@ def test_the_header_deadline_applies_to_a_keep_alive_connections_next_request(he
 
 def test_the_header_deadline_spares_slow_bodies_and_open_websockets(header_app):
     """Once the headers are in, the deadline is REQUEST_TIMEOUT_S's (60 s here), not the
-    header deadline's (2 s): a body that takes 3 s is served, and so is a WebSocket whose
-    request comes 3 s after it opened."""
+    header deadline's (2 s): a body that takes 3 s is served, and so is a WebSocket opened
+    with the key whose request comes 3 s after it opened."""
     from websockets.sync.client import connect
 
     body = json.dumps({"text": "Slow body.", "seed": 3, "format": "wav"}).encode()
     with socket.create_connection(("127.0.0.1", header_app.port)) as sock:
         sock.sendall(b"POST /tts/generate HTTP/1.1\r\nHost: test\r\nContent-Type: application/json"
-                     b"\r\nContent-Length: %d\r\n\r\n" % len(body))
+                     b"\r\nX-API-Key: %s\r\nContent-Length: %d\r\n\r\n" % (KEY.encode(), len(body)))
         for i in range(0, len(body), 8):
             time.sleep(3 / (len(body) / 8))
             sock.sendall(body[i:i + 8])
         sock.settimeout(30)
         assert sock.recv(64).startswith(b"HTTP/1.1 200 ")
-    with connect(f"ws://127.0.0.1:{header_app.port}/tts/stream", open_timeout=10) as ws:
+    with connect(f"ws://127.0.0.1:{header_app.port}/tts/stream", open_timeout=10,
+                 additional_headers=AUTH) as ws:
         time.sleep(3)
         ws.send(json.dumps({"text": "Late request.", "seed": 4, "format": "pcm_s16le"}))
         messages = []
@@ -845,21 +847,34 @@ def test_the_header_deadline_spares_slow_bodies_and_open_websockets(header_app):
 
 
 def test_a_body_still_coming_after_its_answer_gets_the_header_deadline_to_finish(header_app):
-    """Answered early (404 here; 401 and 413 alike), a client that keeps sending the body it
+    """Answered early (401 here; 404 and 413 alike), a client that keeps sending the body it
     announced is closed HEADER_TIMEOUT_S later: uvicorn waited for the rest for ever, past
     every deadline, since the body's first byte cancels its keep-alive timer. One that
     finishes its body in time keeps its connection."""
     with socket.create_connection(("127.0.0.1", header_app.port)) as sock:
-        sock.sendall(b"POST /nowhere HTTP/1.1\r\nHost: test\r\nContent-Length: 100000\r\n\r\n")
+        sock.sendall(b"POST /tts/generate HTTP/1.1\r\nHost: test\r\nContent-Length: 100000\r\n\r\n")
         sock.settimeout(10)
-        assert sock.recv(4096).startswith(b"HTTP/1.1 404 ")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 401 ")  # no key: answered at once
         assert 1.8 < closed_after(sock, b"a" * 1000, every_s=0.1) < 10
     with socket.create_connection(("127.0.0.1", header_app.port)) as sock:
-        sock.sendall(b"POST /nowhere HTTP/1.1\r\nHost: test\r\nContent-Length: 10\r\n\r\n")
+        sock.sendall(b"POST /tts/generate HTTP/1.1\r\nHost: test\r\nContent-Length: 10\r\n\r\n")
         sock.settimeout(10)
-        assert sock.recv(4096).startswith(b"HTTP/1.1 404 ")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 401 ")
         time.sleep(1)
         sock.sendall(b"0123456789")  # all in within the deadline: the answered request is done
         time.sleep(1.5)  # past the 2 s the body had; short of the next request's header deadline
         sock.sendall(b"GET /ping HTTP/1.1\r\nHost: test\r\n\r\n")
         assert sock.recv(4096).startswith(b"HTTP/1.1 200 ")
+
+
+def test_a_websocket_without_the_key_has_the_header_deadline_to_send_its_request(header_app):
+    """Opened without the key (it may come in the message), a socket gets HEADER_TIMEOUT_S
+    for its request, not REQUEST_TIMEOUT_S (330 s by default): an unauthenticated client
+    cannot park sockets for minutes."""
+    from websockets.sync.client import connect
+
+    started = time.monotonic()
+    with connect(f"ws://127.0.0.1:{header_app.port}/tts/stream", open_timeout=10) as ws:
+        message = json.loads(ws.recv(timeout=20))
+    assert message["code"] == "timeout" and "HEADER_TIMEOUT_S" in message["detail"]
+    assert 1.8 < time.monotonic() - started < 15

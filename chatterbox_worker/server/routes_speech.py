@@ -367,15 +367,22 @@ async def ws_stream(websocket: WebSocket):
     core: State = websocket.app.state.core
     rid = websocket.scope.get("state", {}).get("request_id", "-")
     await websocket.accept()
+    # A socket whose headers carry the key may be opened ahead of its request (a voice
+    # agent saving the handshake); one that has shown no key yet gets HEADER_TIMEOUT_S
+    # to send it, as a request's headers do.
+    opened_with_key = check_key(core.settings, key_from_headers(websocket.headers, bearer=False))
+    wait, setting = ((core.settings.request_timeout_s, "REQUEST_TIMEOUT_S") if opened_with_key
+                     else (core.settings.header_timeout_s, "HEADER_TIMEOUT_S"))
     try:
-        message = await _ws_request(websocket, core.settings.request_timeout_s)
+        message = await _ws_request(websocket, wait)
     except WebSocketDisconnect:
         return
     except InvalidInput:
         return await _ws_fail(websocket, "invalid_input", "send one JSON object", 1008)
     if message is None:
-        return await _ws_fail(websocket, "timeout", "no request arrived within "
-                              "REQUEST_TIMEOUT_S", 1008)
+        return await _ws_fail(websocket, "timeout", f"no request arrived within {setting}"
+                              + ("" if opened_with_key else " (a socket opened with the key "
+                                 "in X-API-Key may wait up to REQUEST_TIMEOUT_S)"), 1008)
     key = message.pop("api_key", None) or key_from_headers(websocket.headers, bearer=False)
     if not check_key(core.settings, key if isinstance(key, str) else None):
         return await _ws_fail(websocket, "unauthorized", "missing or wrong API key", 1008)
