@@ -147,8 +147,9 @@ def _check_tensor_memory(name: str, value: torch.Tensor) -> None:
     could make one stored value look like billions, which the next operation
     (a NaN check, a resample) would then allocate for real. (torch itself checks
     that a view stays inside its storage.) Sparse and meta tensors, which
-    ``torch.load`` also rebuilds, hold no such storage and are refused first."""
-    if value.layout is not torch.strided or value.device.type != "cpu":
+    ``torch.load`` also rebuilds, hold no such storage and are refused first (nested
+    ones too: they have no shape to check)."""
+    if value.is_nested or value.layout is not torch.strided or value.device.type != "cpu":
         raise InvalidVoiceFile(f"field '{name}' is not a plain tensor ({value.layout}, "
                                f"{value.device.type})")
     if value.numel() * value.element_size() > value.untyped_storage().nbytes():

@@ -97,6 +97,19 @@ def test_bad_tensors_are_refused(name, value, needle):
         parse_voice_file(voice_bytes(conditionals=tensors))
 
 
+def test_a_nested_tensor_is_refused():
+    """torch.load rebuilds nested tensors too; they have no shape to check (a 500 before)."""
+    import warnings
+
+    tensors = conditionals(0).tensors()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch: nested tensors are a prototype
+        tensors["speaker_emb"] = torch.nested.nested_tensor([torch.zeros(256)])
+        data = voice_bytes(conditionals=tensors)
+    with pytest.raises(InvalidVoiceFile, match="not a plain tensor"):
+        parse_voice_file(data)
+
+
 def test_garbage_is_refused():
     with pytest.raises(InvalidVoiceFile, match="not a readable voice file"):
         parse_voice_file(b"this is not a torch file")

@@ -96,7 +96,7 @@ class RequestBook:
         self._joining: list = []
         self._running: list = []
         self._by_request: Dict[DecodeRequest, object] = {}
-        self._failed: List[StepEvent] = []  # requests that failed alone, reported by the next step
+        self._failed: List[StepEvent] = []  # requests that failed alone in this step
 
     def __len__(self) -> int:
         return len(self._by_request)
@@ -115,6 +115,7 @@ class RequestBook:
     def _advance(self) -> None:
         """The forward half of a step: who joined is prefilled (each alone, as the
         single-request loop does), then one forward runs every pending token."""
+        self._failed = []  # a step that raised took its requests with it: start afresh
         for seq in list(self._joining):
             try:
                 self._prefill(seq)

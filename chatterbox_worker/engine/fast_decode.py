@@ -245,7 +245,7 @@ class StaticCacheDecoder:
                 if freed:  # still short: drop the newest request, which the batch fitted without
                     newest = max(self._slots, key=lambda slot: slot.joined)
                     log.warning("out of memory in a decode step of %d requests: dropping the "
-                                "newest (%s)", len(self._slots), newest.request.label or "unlabelled")
+                                "newest (%s)", len(self._slots), newest.request.label or "a request")
                     self.remove(newest.request)
                     events.append(StepEvent(newest.request, None, True, _out_of_memory(exc)))
                     release_cached_memory(self.device)

@@ -52,22 +52,36 @@ class HeaderDeadline(H11Protocol):
             self._arm()
         else:
             self._disarm()
-        if self._leftover_timer is not None and self.conn.their_state is not h11.SEND_BODY:
-            self._leftover_timer.cancel()  # the answered request's body is all in
-            self._leftover_timer = None
+        if not self._answered_with_body_left():
+            self._forget_leftover()  # the answered request's body is all in
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if (self.conn.their_state is h11.SEND_BODY and self._leftover_timer is None
+        if (self._answered_with_body_left() and self._leftover_timer is None
                 and not self.transport.is_closing()):
             self._leftover_timer = self.loop.call_later(self.header_timeout_s, self._body_too_slow)
 
+    def handle_websocket_upgrade(self, event) -> None:
+        # The transport goes to the WebSocket protocol; this one's ``connection_lost``
+        # will not run, so its timers stop here.
+        self._disarm()
+        self._forget_leftover()
+        super().handle_websocket_upgrade(event)
+
     def connection_lost(self, exc) -> None:
         self._disarm()
+        self._forget_leftover()
+        super().connection_lost(exc)
+
+    def _answered_with_body_left(self) -> bool:
+        """Our response is complete while the client still sends that request's body (h11
+        says SEND_BODY for a next request too, but then our side is not DONE)."""
+        return self.conn.our_state is h11.DONE and self.conn.their_state is h11.SEND_BODY
+
+    def _forget_leftover(self) -> None:
         if self._leftover_timer is not None:
             self._leftover_timer.cancel()
             self._leftover_timer = None
-        super().connection_lost(exc)
 
     def _arm(self) -> None:
         if self._header_timer is None:
@@ -90,7 +104,7 @@ class HeaderDeadline(H11Protocol):
 
     def _body_too_slow(self) -> None:
         self._leftover_timer = None
-        if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():
+        if self._answered_with_body_left() and not self.transport.is_closing():
             self.logger.info("closed a connection from %s still sending the body of a request "
                              "answered %g s ago", self._peer(), self.header_timeout_s)
             self.transport.close()

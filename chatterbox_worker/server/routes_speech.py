@@ -372,7 +372,8 @@ async def ws_stream(websocket: WebSocket):
     # to send it, as a request's headers do.
     opened_with_key = check_key(core.settings, key_from_headers(websocket.headers, bearer=False))
     wait, setting = ((core.settings.request_timeout_s, "REQUEST_TIMEOUT_S") if opened_with_key
-                     else (core.settings.header_timeout_s, "HEADER_TIMEOUT_S"))
+                     else (min(core.settings.header_timeout_s, core.settings.request_timeout_s),
+                           "HEADER_TIMEOUT_S"))
     try:
         message = await _ws_request(websocket, wait)
     except WebSocketDisconnect:

@@ -41,7 +41,7 @@ class LiveStream:
         """Check the request and load its voice (off the loop), ready to step."""
         loop = asyncio.get_running_loop()
         stream = await loop.run_in_executor(
-            executor, lambda: service.stream(request, label=f"job={summary.job_id}"))
+            executor, lambda: service.stream(request, label=f"request={summary.job_id}"))
         return cls(stream, executor, summary, observe)
 
     async def next(self) -> Optional[bytes]:

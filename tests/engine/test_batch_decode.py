@@ -215,3 +215,29 @@ def test_a_request_whose_logits_go_non_finite_fails_alone(model, voices, seen):
                 tokens.append(event.token)
     assert len(errors) == 1 and isinstance(errors[0], RuntimeError), errors
     assert tokens == expected[0]
+
+
+def test_a_request_whose_prefill_fails_leaves_alone(model, voices, seen, monkeypatch):
+    """Its own prompt fails (here, simulated): that request gets one failed event in the same
+    step, and the request joining beside it keeps every token it gets alone."""
+    expected = alone(model, voices, seen, GUIDED)
+    broken = Job("This prompt will not go through.", "builtin", SamplingParams(), seed=4)
+    requests = {job: request_for(model, voices, job) for job in (GUIDED, broken)}
+    prefill = BatchDecoder._prefill
+
+    def failing(self, seq):
+        if seq.request is requests[broken]:
+            raise RuntimeError("simulated prefill failure")
+        return prefill(self, seq)
+
+    monkeypatch.setattr(BatchDecoder, "_prefill", failing)
+    decoder = BatchDecoder(model.t3)
+    for request in requests.values():
+        decoder.add(request)
+    first = decoder.step()
+    [failed] = [e for e in first if e.request is requests[broken]]
+    assert failed.done and "simulated" in str(failed.error) and requests[broken] not in decoder
+    tokens = [e.token for e in first if e.request is requests[GUIDED]]
+    while len(decoder):
+        tokens += [e.token for e in decoder.step() if e.token is not None]
+    assert tokens == expected[0]
