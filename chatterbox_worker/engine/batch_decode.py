@@ -56,6 +56,11 @@ class DecodeRequest:
     generator: torch.Generator
     label: str = ""  # who asked ("job=..." or "request=..."), for the worker's log lines
 
+    @property
+    def who(self) -> str:
+        """The request as log lines name it."""
+        return self.label or "a request"
+
 
 FAILED = object()  # ``RequestBook._pick``: the request's sampling failed and it has left
 

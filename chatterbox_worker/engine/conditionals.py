@@ -85,7 +85,7 @@ MAX_S3GEN_PROMPT_TOKENS = 1000
 MAX_MAGNITUDE = 1e4
 
 
-def check_tensors(tensors: Dict[str, object], *, max_prompt_tokens: int = MAX_S3GEN_PROMPT_TOKENS) -> None:
+def check_tensors(tensors: Dict[str, object]) -> None:
     """Raise ``ValueError`` naming the first tensor whose presence, dtype or shape is wrong."""
     for name, (dtype, shape) in TENSOR_SPEC.items():
         value = tensors.get(name)
@@ -105,8 +105,9 @@ def check_tensors(tensors: Dict[str, object], *, max_prompt_tokens: int = MAX_S3
         raise ValueError(f"'cond_prompt_speech_tokens' has {t3_prompt} tokens; at most "
                          f"{MAX_T3_PROMPT_TOKENS} (upstream's voices have 150, turbo's 375)")
     tokens = tensors["prompt_token"]
-    if tokens.shape[1] == 0 or tokens.shape[1] > max_prompt_tokens:
-        raise ValueError(f"'prompt_token' has {tokens.shape[1]} tokens; 1 to {max_prompt_tokens}")
+    if tokens.shape[1] == 0 or tokens.shape[1] > MAX_S3GEN_PROMPT_TOKENS:
+        raise ValueError(f"'prompt_token' has {tokens.shape[1]} tokens; "
+                         f"1 to {MAX_S3GEN_PROMPT_TOKENS}")
     if int(tensors["prompt_token_len"][0]) != tokens.shape[1]:
         raise ValueError("'prompt_token_len' does not match 'prompt_token'")
     if tensors["prompt_feat"].shape[1] != 2 * tokens.shape[1]:

@@ -245,7 +245,7 @@ class StaticCacheDecoder:
                 if freed:  # still short: drop the newest request, which the batch fitted without
                     newest = max(self._slots, key=lambda slot: slot.joined)
                     log.warning("out of memory in a decode step of %d requests: dropping the "
-                                "newest (%s)", len(self._slots), newest.request.label or "a request")
+                                "newest (%s)", len(self._slots), newest.request.who)
                     self.remove(newest.request)
                     events.append(StepEvent(newest.request, None, True, _out_of_memory(exc)))
                     release_cached_memory(self.device)
@@ -318,7 +318,7 @@ class StaticCacheDecoder:
                     # pairs, Korean as jamo): its speech is capped as upstream's 1000-token cap
                     # caps any piece, rather than the job failing.
                     log.warning("%s: a prompt of %d positions leaves room for %d of the %d "
-                                "speech tokens asked; capped", request.label or "a request",
+                                "speech tokens asked; capped", request.who,
                                 inputs.size(1), fits, request.max_new_tokens)
                     request.max_new_tokens = fits
             except Exception as exc:

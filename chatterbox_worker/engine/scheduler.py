@@ -188,7 +188,7 @@ class Scheduler:
                         continue
                     if event.error is not None:
                         log.error("%s: its decode request failed alone: %s",
-                                  event.request.label or "a request", event.error,
+                                  event.request.who, event.error,
                                   exc_info=event.error)
                         puts.append((stream, _Failure(event.error)))
                         del streams[event.request]

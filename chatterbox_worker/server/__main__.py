@@ -17,7 +17,6 @@ from ..config import Settings, load_settings
 from ..errors import ConfigError
 
 
-
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True

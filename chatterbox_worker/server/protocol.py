@@ -12,9 +12,9 @@ the connection opens, and when a keep-alive connection starts its next
 request. And a request answered before its body was read (401, 404, 413, a
 504 at the deadline) leaves the client ``HEADER_TIMEOUT_S`` to finish
 sending that body: uvicorn would otherwise wait for the rest for ever,
-since the body's first byte cancels its keep-alive timer. A reverse proxy with its own header timeout (RunPod's proxy in
-front of a load-balancing endpoint) makes this a second line, not the only
-one.
+since the body's first byte cancels its keep-alive timer. A reverse proxy
+with its own header timeout (RunPod's proxy in front of a load-balancing
+endpoint) makes this a second line, not the only one.
 """
 
 from __future__ import annotations
@@ -64,14 +64,16 @@ class HeaderDeadline(H11Protocol):
     def handle_websocket_upgrade(self, event) -> None:
         # The transport goes to the WebSocket protocol; this one's ``connection_lost``
         # will not run, so its timers stop here.
-        self._disarm()
-        self._forget_leftover()
+        self._stop_timers()
         super().handle_websocket_upgrade(event)
 
     def connection_lost(self, exc) -> None:
+        self._stop_timers()
+        super().connection_lost(exc)
+
+    def _stop_timers(self) -> None:
         self._disarm()
         self._forget_leftover()
-        super().connection_lost(exc)
 
     def _answered_with_body_left(self) -> bool:
         """Our response is complete while the client still sends that request's body (h11
